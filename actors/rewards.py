@@ -1,0 +1,367 @@
+"""Rewards: named, batched scoring functions for generated images, and their registry.
+
+A reward is a plain function::
+
+    reward(images, prompts, metadata) -> (scores, info)
+
+    images:   np.ndarray uint8, (batch, H, W, 3)
+    prompts:  sequence of str, one per image
+    metadata: sequence of dicts, one per image (empty dicts when the caller has none)
+    scores:   np.ndarray float32, (batch,) -- higher is better, always finite
+    info:     dict str -> float | np.ndarray, per-batch diagnostics for logging
+
+Adding a reward is one function decorated with :func:`register_reward` plus one row in
+the reward conformance test (``tests/unit/test_rewards.py``). Users can also name a
+reward of their own as ``"package.module:function"`` without touching this file.
+
+Callers go through :func:`score_batch`, which checks the inputs, calls the reward and
+validates what comes back, so a broken reward fails loudly at the batch that broke it
+instead of training on NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import math
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from actors import toy_world
+
+Info = dict[str, Union[float, np.ndarray]]
+RewardFn = Callable[[np.ndarray, Sequence[str], Sequence[Mapping[str, Any]]], tuple[np.ndarray, Info]]
+
+REWARDS: dict[str, RewardFn] = {}
+"""Every registered reward by name; fill it with :func:`register_reward`."""
+
+JPEG_QUALITY = 95
+"""JPEG quality used by the compressibility rewards (DDPO, Black et al. 2023, uses 95)."""
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward function to :data:`REWARDS` under ``name``; returns it unchanged."""
+    if not isinstance(name, str) or not name or ":" in name:
+        # ':' is reserved for the 'package.module:function' form of resolve_reward.
+        raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name].__module__}); pick another name")
+        REWARDS[name] = fn
+        return fn
+
+    return decorator
+
+
+# --------------------------------------------------------------------------------------
+# Registered rewards
+# --------------------------------------------------------------------------------------
+
+
+def jpeg_kilobytes(image: np.ndarray, quality: int = JPEG_QUALITY) -> float:
+    """Size of one ``(H, W, 3)`` uint8 image encoded as JPEG by PIL, in kilobytes (bytes / 1000)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000
+
+
+def _jpeg_sizes(images: np.ndarray) -> np.ndarray:
+    return np.array([jpeg_kilobytes(image) for image in images], dtype=np.float32)  # (batch,)
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, Info]:
+    """JPEG size in kB: rewards detail and texture (DDPO's "incompressibility")."""
+    sizes = _jpeg_sizes(images)
+    return sizes, {"jpeg_kb": sizes}
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, Info]:
+    """Minus the JPEG size in kB: rewards flat, simple images (DDPO's "compressibility")."""
+    sizes = _jpeg_sizes(images)
+    return -sizes, {"jpeg_kb": sizes}
+
+
+def _parse_toy_prompt(reward_name: str, prompt: str) -> toy_world.ToyPrompt:
+    try:
+        return toy_world.parse_prompt(prompt)
+    except ValueError as err:
+        raise ValueError(f"reward {reward_name!r} scores only toy-world captions: {err}") from err
+
+
+@register_reward("toy_fidelity")
+def toy_fidelity(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, Info]:
+    """Fraction of the caption's colour, shape and position that the image shows, in [0, 1].
+
+    Same value as :func:`toy_world.fidelity`, but detects each image once and also reports
+    per-attribute accuracy over the batch (``color_acc``, ``shape_acc``, ``position_acc``).
+    """
+    targets = [_parse_toy_prompt("toy_fidelity", prompt) for prompt in prompts]
+    found = [toy_world.detect(image) for image in images]
+    hits = np.array(
+        [[d.color == t.color, d.shape == t.shape, d.position == t.position] for d, t in zip(found, targets, strict=True)],
+        dtype=np.float64,
+    ).reshape(len(targets), 3)  # (batch, attribute)
+    # Divide in float64 before the cast so 2 of 3 hits is exactly float32(2 / 3).
+    scores = (hits.sum(axis=1) / 3.0).astype(np.float32)
+    accuracy = hits.mean(axis=0) if len(targets) else np.zeros(3)
+    info: Info = {"color_acc": float(accuracy[0]), "shape_acc": float(accuracy[1]), "position_acc": float(accuracy[2])}
+    return scores, info
+
+
+# --------------------------------------------------------------------------------------
+# Resolving names
+# --------------------------------------------------------------------------------------
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """The reward called ``name``: a key of :data:`REWARDS` or ``"package.module:function"``."""
+    if not isinstance(name, str):
+        raise ValueError(f"a reward name must be a string, got {type(name).__name__} {name!r}")
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        return _import_reward(name)
+    raise ValueError(
+        f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}. "
+        f"A reward of your own can be named as 'package.module:function'."
+    )
+
+
+def _import_reward(path: str) -> RewardFn:
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute or ":" in attribute:
+        raise ValueError(f"reward {path!r} is not of the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {err!r}") from err
+    if not hasattr(module, attribute):
+        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attribute!r}")
+    fn = getattr(module, attribute)
+    if not callable(fn):
+        raise ValueError(f"reward {path!r}: {attribute!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+# --------------------------------------------------------------------------------------
+# Validating what a reward returns
+# --------------------------------------------------------------------------------------
+
+
+def _where(reward_name: str, batch_index: int) -> str:
+    return f"reward {reward_name!r} (batch {batch_index})"
+
+
+def check_scores(reward_name: str, scores: Any, batch_size: int, batch_index: int) -> np.ndarray:
+    """``scores`` as float32 ``(batch_size,)``; ``ValueError`` naming reward and batch if it is not one finite score per image."""
+    where = _where(reward_name, batch_index)
+    if not isinstance(scores, np.ndarray):
+        raise ValueError(f"{where} returned scores of type {type(scores).__name__}; expected a numpy array of shape ({batch_size},)")
+    if scores.shape != (batch_size,):
+        raise ValueError(f"{where} returned scores of shape {scores.shape}; expected ({batch_size},), one score per image")
+    if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
+        raise ValueError(f"{where} returned scores of dtype {scores.dtype}; expected real numbers (float32)")
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below, with positions
+        scores = scores.astype(np.float32)
+    nan, inf = np.flatnonzero(np.isnan(scores)), np.flatnonzero(np.isinf(scores))
+    if nan.size or inf.size:
+        raise ValueError(
+            f"{where} returned {nan.size + inf.size} non-finite score(s) as float32 "
+            f"(NaN at positions {nan.tolist()}, inf at positions {inf.tolist()}); "
+            f"a reward must give every image a finite score, e.g. 0 for an image it cannot read"
+        )
+    return scores
+
+
+def check_info(reward_name: str, info: Any, batch_index: int) -> Info:
+    """``info`` unchanged if it is a dict of str -> number or array; ``ValueError`` otherwise."""
+    where = _where(reward_name, batch_index)
+    if not isinstance(info, dict):
+        raise ValueError(f"{where} returned info of type {type(info).__name__}; expected a dict (use {{}} for none)")
+    for key, value in info.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where} returned an info key {key!r} of type {type(key).__name__}; keys must be str")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number, np.ndarray)):
+            raise ValueError(f"{where} returned info[{key!r}] of type {type(value).__name__}; expected a float or numpy array")
+    return info
+
+
+def _call_checked(
+    reward_name: str,
+    reward: RewardFn,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]],
+    batch_index: int,
+) -> tuple[np.ndarray, Info]:
+    output = reward(images, prompts, metadata)
+    if not (isinstance(output, tuple) and len(output) == 2):
+        raise ValueError(
+            f"{_where(reward_name, batch_index)} returned {type(output).__name__}; expected a (scores, info) tuple"
+        )
+    scores, info = output
+    return check_scores(reward_name, scores, len(images), batch_index), check_info(reward_name, info, batch_index)
+
+
+# --------------------------------------------------------------------------------------
+# Combining rewards
+# --------------------------------------------------------------------------------------
+
+
+def _check_component(component: Any) -> tuple[str, float]:
+    if isinstance(component, str) or not isinstance(component, Sequence) or len(component) != 2:
+        raise ValueError(f"a reward component must be a (name, weight) pair, got {component!r}")
+    name, weight = component
+    if not isinstance(name, str):
+        raise ValueError(f"reward component name must be a string, got {name!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)) or not math.isfinite(weight):
+        raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
+    return name, float(weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class CombinedReward:
+    """Weighted sum of rewards: ``sum_k weight_k * reward_k(images, prompts, metadata)``.
+
+    Names are resolved at construction, so a typo fails when the config is loaded, not
+    at the first batch. ``info`` holds each component's raw scores under
+    ``"<name>/score"`` and its own info under ``"<name>/<key>"``.
+    """
+
+    components: tuple[tuple[str, float], ...]
+    """``(name, weight)`` pairs; a name is a registered reward or ``"package.module:function"``."""
+    _fns: tuple[RewardFn, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.components, str) or not isinstance(self.components, Sequence):
+            raise ValueError(f"CombinedReward needs a sequence of (name, weight) pairs, got {self.components!r}")
+        components = tuple(_check_component(c) for c in self.components)
+        if not components:
+            raise ValueError(f"CombinedReward needs at least one (name, weight) pair; registered rewards: {', '.join(sorted(REWARDS))}")
+        names = [name for name, _ in components]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            # Their info keys would collide; one entry with the summed weight means the same.
+            raise ValueError(f"reward(s) {duplicates} listed more than once; list each once with the summed weight")
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "_fns", tuple(resolve_reward(name) for name in names))
+
+    @property
+    def name(self) -> str:
+        """Readable formula, e.g. ``"0.5*toy_fidelity + 2*jpeg_incompressibility"``."""
+        return " + ".join(f"{weight:g}*{name}" for name, weight in self.components)
+
+    def __call__(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]],
+        *,
+        batch_index: int = 0,
+    ) -> tuple[np.ndarray, Info]:
+        """Score a batch; each component's output is validated (errors name the component)."""
+        total = np.zeros(len(images), dtype=np.float64)  # (batch,)
+        info: Info = {}
+        for (name, weight), fn in zip(self.components, self._fns):
+            scores, component_info = _call_checked(name, fn, images, prompts, metadata, batch_index)
+            total += weight * scores.astype(np.float64)
+            info[f"{name}/score"] = scores
+            info.update({f"{name}/{key}": value for key, value in component_info.items()})
+        return total.astype(np.float32), info
+
+
+def build_reward(components: str | Sequence[tuple[str, float]]) -> CombinedReward:
+    """A :class:`CombinedReward` from a reward name (weight 1) or a list of ``(name, weight)`` pairs."""
+    if isinstance(components, str):
+        return CombinedReward(((components, 1.0),))
+    return CombinedReward(components)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------
+
+
+def _check_images(images: Any) -> int:
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy uint8 array (batch, H, W, 3), got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 (batch, H, W, 3), got dtype {images.dtype}; "
+            f"convert [0, 1] floats with (images * 255).round().clip(0, 255).astype(np.uint8)"
+        )
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (batch, H, W, 3), got {images.shape}; channels go last")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch; score at least one image")
+    return images.shape[0]
+
+
+def _check_prompts(prompts: Any, batch_size: int) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a sequence of str (one per image), got {type(prompts).__name__}")
+    if len(prompts) != batch_size:
+        raise ValueError(f"got {len(prompts)} prompts for {batch_size} images; pass one prompt per image")
+    bad = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+    if bad:
+        raise ValueError(f"prompts must be str; prompts at positions {bad} are not")
+    return list(prompts)
+
+
+def _check_metadata(metadata: Any, batch_size: int) -> list[Mapping[str, Any]]:
+    if metadata is None:
+        return [{} for _ in range(batch_size)]
+    if isinstance(metadata, (str, Mapping)) or not isinstance(metadata, Sequence):
+        raise ValueError(f"metadata must be None or a sequence of dicts (one per image), got {type(metadata).__name__}")
+    if len(metadata) != batch_size:
+        raise ValueError(f"got {len(metadata)} metadata entries for {batch_size} images; pass one dict per image or None")
+    bad = [i for i, entry in enumerate(metadata) if not isinstance(entry, Mapping)]
+    if bad:
+        raise ValueError(f"metadata entries must be dicts; entries at positions {bad} are not")
+    return list(metadata)
+
+
+def score_batch(
+    reward: str | RewardFn | CombinedReward,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    batch_index: int = 0,
+    name: str | None = None,
+) -> tuple[np.ndarray, Info]:
+    """Score one batch of images: check inputs, call ``reward``, validate its output.
+
+    Args:
+        reward: a reward function, a :class:`CombinedReward`, or a name for :func:`resolve_reward`.
+        images: uint8 ``(batch, H, W, 3)``.
+        prompts: one str per image.
+        metadata: one dict per image, or ``None`` for empty dicts.
+        batch_index: position of this batch in the run, quoted in errors.
+        name: the reward's name in errors; defaults to its registry name or ``__name__``.
+
+    Returns:
+        ``(scores, info)``: float32 ``(batch,)`` finite scores and the reward's diagnostics.
+    """
+    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
+        raise ValueError(f"batch_index must be a non-negative int, got {batch_index!r}")
+    if isinstance(reward, str):
+        name, reward = name or reward, resolve_reward(reward)
+    batch_size = _check_images(images)
+    prompts = _check_prompts(prompts, batch_size)
+    metadata = _check_metadata(metadata, batch_size)
+    if isinstance(reward, CombinedReward):
+        # Components validate themselves so an error names the component that broke.
+        name = name or reward.name
+        output = reward(images, prompts, metadata, batch_index=batch_index)
+        return check_scores(name, output[0], batch_size, batch_index), output[1]
+    if not callable(reward):
+        raise ValueError(f"reward must be callable or a reward name, got {type(reward).__name__}")
+    name = name or getattr(reward, "__name__", repr(reward))
+    return _call_checked(name, reward, images, prompts, metadata, batch_index)
