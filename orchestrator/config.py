@@ -1,0 +1,677 @@
+"""The config tree: typed, frozen dataclasses loaded from YAML and validated at load.
+
+A run is described by one :class:`Config`. Each component receives its own section
+(``cfg.sampling``, ``cfg.model``, ...), never the root. Typical use::
+
+    cfg = load_config("run.yaml", overrides=["sampling.num_steps=10", "model.lora.rank=8"])
+
+Validation happens in two places, and every error is a ``ValueError`` that names the
+field by its full dotted path, the bad value and what is allowed:
+
+- :func:`from_dict` checks keys and types (unknown keys get a "did you mean" hint);
+- each section's ``__post_init__`` checks ranges with the ``_check_*`` helpers, and
+  :func:`from_dict` adds the dotted path to those messages.
+
+Adding a section (``train``, ``pools``, ...) is: write a frozen dataclass with a
+docstring under every field and range checks in ``__post_init__``, then add one field
+to :class:`Config`. Field types :func:`from_dict` understands: ``int``, ``float`` (an
+int is accepted), ``bool``, ``str``, ``X | None`` (and other unions), ``Literal[...]``,
+``tuple[T, ...]`` / ``tuple[A, B]``, nested dataclasses, ``dict[K, V]`` /
+``Mapping[K, V]`` and ``Any``.
+
+A section may accept a YAML shorthand by defining a classmethod ``coerce(value)`` that
+returns the canonical plain data (see :meth:`RewardConfig.coerce`); :func:`from_dict`
+calls it before anything else and still validates what it returns.
+
+YAML is read with PyYAML's safe loader plus one fix: ``1e-4`` is a float (plain PyYAML
+follows YAML 1.1 and reads it as the string ``"1e-4"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import numbers
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "LoRAConfig",
+    "ModelConfig",
+    "RewardComponent",
+    "RewardConfig",
+    "SamplingConfig",
+    "apply_overrides",
+    "config_to_yaml",
+    "dump_yaml",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- range checks
+
+
+class _FieldError(ValueError):
+    """A range error raised in ``__post_init__``; :func:`from_dict` prefixes the dotted path."""
+
+    def __init__(self, field_name: str, detail: str) -> None:
+        super().__init__(f"{field_name} {detail}")
+        self.field_name = field_name
+        self.detail = detail
+
+
+def _bounds_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def _check_range(
+    obj: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    """Raise if ``obj.name`` is outside the interval; non-finite floats are always out."""
+    value = getattr(obj, name)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    # Finiteness first: NaN fails every comparison silently and inf passes one-sided bounds.
+    inside = finite
+    if low is not None:
+        inside = inside and (value > low if low_open else value >= low)
+    if high is not None:
+        inside = inside and (value < high if high_open else value <= high)
+    if not inside:
+        bounds = _bounds_text(low, high, low_open, high_open)
+        if not finite:
+            bounds = f"finite and {bounds}" if bounds else "finite"
+        suffix = f" ({why})" if why else ""
+        raise _FieldError(name, f"must be {bounds}, got {value!r}{suffix}")
+
+
+def _check_positive(obj: Any, name: str, *, why: str = "") -> None:
+    """Raise unless ``obj.name > 0`` (and finite)."""
+    _check_range(obj, name, low=0, low_open=True, why=why)
+
+
+def _check_finite(obj: Any, name: str) -> None:
+    """Raise unless ``obj.name`` is a finite number."""
+    _check_range(obj, name)
+
+
+def _check_non_empty(obj: Any, name: str, *, why: str = "") -> None:
+    """Raise if ``obj.name`` is an empty string or collection."""
+    value = getattr(obj, name)
+    if len(value) == 0:
+        suffix = f" ({why})" if why else ""
+        raise _FieldError(name, f"must not be empty, got {value!r}{suffix}")
+
+
+def _check_identifier_like(obj: Any, name: str) -> None:
+    """Raise if the string ``obj.name`` is empty or has leading/trailing whitespace."""
+    value = getattr(obj, name)
+    if not value or value != value.strip():
+        raise _FieldError(name, f"must be a non-empty string without surrounding spaces, got {value!r}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the UNet (used when ``model.finetune == "lora"``)."""
+
+    rank: int = 4
+    """Rank r of each adapter (the inner dimension of B @ A); >= 1. Higher = more capacity."""
+
+    alpha: float = 4.0
+    """LoRA scaling numerator: the update is scaled by alpha / rank; > 0."""
+
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Names (suffixes, as peft matches them) of the UNet linear layers that get adapters;
+    non-empty. The default covers the attention projections, as in DDPO."""
+
+    dropout: float = 0.0
+    """Dropout probability on the adapter input during training; in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "rank", low=1)
+        _check_positive(self, "alpha")
+        _check_non_empty(self, "target_modules", why="list at least one UNet module name, e.g. [to_q, to_v]")
+        for module in self.target_modules:
+            if not module.strip():
+                raise _FieldError("target_modules", f"must not contain empty names, got {self.target_modules!r}")
+        _check_range(self, "dropout", low=0, high=1, high_open=True)
+
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which diffusion model to align, and which of its weights are trained."""
+
+    path: str | None = None
+    """Local diffusers pipeline directory in Stable Diffusion 1.5 format (unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/). null = the embedded toy model. Nothing is
+    downloaded: a hub id is not accepted at run time."""
+
+    finetune: Literal["lora", "full"] = "lora"
+    """"lora": train only LoRA adapters on the UNet (see ``lora``); "full": train every
+    UNet weight. The VAE and text encoder are always frozen."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Adapter settings; ignored when ``finetune`` is "full"."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the frozen weights and of sampling; one of float32, float16, bfloat16.
+    Use float32 on CPU (half precision is slow or unsupported there)."""
+
+    device: str = "auto"
+    """Where actors put the model: "auto" (cuda if available, else cpu), "cpu", "cuda"
+    or "cuda:N" (GPU index N as seen by the actor)."""
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            raise _FieldError("path", f"must be a directory path or null (for the toy model), got {self.path!r}")
+        if not _DEVICE_PATTERN.fullmatch(self.device):
+            raise _FieldError(
+                "device", f"must be one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a GPU index), got {self.device!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How rollouts are sampled: the DDIM sampler whose per-step log-probs the RL losses use."""
+
+    num_steps: int = 20
+    """Number of DDIM denoising steps per image, i.e. the length T of each trajectory;
+    in [1, 1000]."""
+
+    eta: float = 1.0
+    """DDIM stochasticity: 0 = deterministic DDIM, 1 = DDPM-like noise. Must be in (0, 1]:
+    at 0 the step has no noise, so log p(x_{t-1} | x_t) does not exist; above 1 the DDIM
+    variance exceeds what the step can hold. DDPO uses 1.0."""
+
+    guidance_scale: float = 4.5
+    """Classifier-free guidance weight w in eps_uncond + w * (eps_cond - eps_uncond);
+    1.0 turns guidance off (one UNet call per step instead of two); >= 1.0."""
+
+    batch_size: int = 16
+    """Images generated per sampling call on one rollout actor; >= 1."""
+
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    """How the per-element Gaussian log-density of x_{t-1} is reduced over latent
+    dimensions. "mean": averaged (the DDPO convention, so its clip ranges and KL
+    coefficients transfer unchanged); "sum": the exact log-density."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "num_steps", low=1, high=1000)
+        _check_range(
+            self,
+            "eta",
+            low=0,
+            high=1,
+            low_open=True,
+            why="per-step log-probs need eta > 0, since DDIM at eta = 0 is deterministic; "
+            "eta > 1 would make the DDIM variance invalid; DDPO uses eta = 1.0",
+        )
+        _check_range(self, "guidance_scale", low=1.0, why="1.0 turns classifier-free guidance off")
+        _check_range(self, "batch_size", low=1)
+
+
+@dataclass(frozen=True)
+class RewardComponent:
+    """One reward function and its weight in the weighted sum."""
+
+    name: str
+    """A reward registered in the reward registry (e.g. "toy_fidelity",
+    "jpeg_compressibility") or a user function as "package.module:function"."""
+
+    weight: float = 1.0
+    """Multiplier of this reward in the total; any finite number (negative = penalty)."""
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """Accept a bare name as shorthand for ``{name: <name>}`` (weight 1.0)."""
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+    def __post_init__(self) -> None:
+        _check_identifier_like(self, "name")
+        _check_finite(self, "weight")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward: a weighted sum of registered reward functions.
+
+    Besides the canonical ``{components: [{name: ..., weight: ...}, ...]}``, YAML may use:
+
+    - ``reward: toy_fidelity``  (one reward, weight 1.0);
+    - ``reward: {toy_fidelity: 1.0, jpeg_compressibility: 0.1}``  (name -> weight);
+    - ``reward: [toy_fidelity, {name: jpeg_compressibility, weight: 0.1}]``.
+
+    Names are checked against the reward registry when the reward actors start, not here.
+    """
+
+    components: tuple[RewardComponent, ...] = (RewardComponent("toy_fidelity"),)
+    """The rewards to combine, each a name and a weight; non-empty, names unique."""
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """Normalise the YAML shorthands above to ``{"components": [...]}``.
+
+        A mapping that is empty or has a ``components`` key is taken as canonical, so a
+        reward cannot be called "components".
+        """
+        if isinstance(value, str):
+            return {"components": [{"name": value}]}
+        if isinstance(value, (list, tuple)):
+            return {"components": list(value)}
+        if isinstance(value, Mapping) and value and "components" not in value:
+            components = []
+            for name, weight in value.items():
+                if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+                    raise ValueError(
+                        f"weight of reward {name!r} must be a number, got {weight!r}; write "
+                        "`reward: {name: weight, ...}` or `reward: {components: [{name: ..., weight: ...}]}`"
+                    )
+                components.append({"name": name, "weight": weight})
+            return {"components": components}
+        return value
+
+    def __post_init__(self) -> None:
+        _check_non_empty(self, "components", why="name at least one reward, e.g. `reward: toy_fidelity`")
+        names = [component.name for component in self.components]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise _FieldError(
+                "components", f"must name each reward once, got {duplicates} more than once (merge their weights)"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs. Components get their own section, never this root."""
+
+    seed: int = 0
+    """Base random seed (>= 0); every actor derives its own seed from it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The diffusion model and which of its weights are trained."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """The DDIM sampler used for rollouts."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward functions and their weights."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "seed", low=0)
+
+
+# --------------------------------------------------------------------------- YAML
+
+# YAML 1.1 (PyYAML) only reads floats with a dot and a signed exponent ("1.0e-4"); this
+# adds "1e-4", "1e4", "1.5E3" so learning rates and the like read as numbers.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as a float."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper; quotes strings such as ``"1e-4"`` that the loader would read as floats."""
+
+
+for _resolver in (_YamlLoader, _YamlDumper):
+    _resolver.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
+
+
+# --------------------------------------------------------------------------- from_dict
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _at(path: str, message: str) -> str:
+    return f"{path}: {message}" if path else message
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} items ({', '.join(_type_name(arg) for arg in args)})"
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_scalar(tp: Any) -> bool:
+    return tp in (bool, int, float, str) or typing.get_origin(tp) is Literal
+
+
+def _type_error(path: str, tp: Any, value: Any) -> ValueError:
+    return ValueError(_at(path, f"expected {_type_name(tp)}, got {_show(value)}"))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    # get_type_hints, not field.type: with `from __future__ import annotations` the latter are strings.
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the field's form."""
+    if tp is Any:
+        return copy.deepcopy(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path=path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    if _is_union(tp):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1 and not _is_scalar(options[0]):
+            # A structured type or None (e.g. an optional section): let its deeper errors through.
+            if value is None:
+                raise _type_error(path, tp, value)
+            return _convert(options[0], value, path)
+        for option in options:
+            try:
+                return _convert(option, value, path)
+            except ValueError:
+                continue
+        raise _type_error(path, tp, value)
+
+    if origin is Literal:
+        if any(type(value) is type(choice) and value == choice for choice in args):
+            return value
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [c for c in args if isinstance(c, str)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(_at(path, f"expected {_type_name(tp)}, got {_show(value)}{hint}"))
+
+    if origin is tuple:
+        # A string is a sequence too; taking it as a list of characters would be a silent bug.
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(path, tp, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        elif len(args) == len(value):
+            item_types = list(args)
+        else:
+            raise _type_error(path, tp, value)
+        items = enumerate(zip(item_types, value))
+        return tuple(_convert(item_tp, item, f"{path}[{i}]") for i, (item_tp, item) in items)
+
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _type_error(path, tp, value)
+        key_tp, value_tp = args if args else (Any, Any)
+        return {_convert(key_tp, k, path): _convert(value_tp, v, _join(path, k)) for k, v in value.items()}
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(path, tp, value)
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise _type_error(path, tp, value)
+    if tp is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(path, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(path, tp, value)
+
+    raise TypeError(f"{path}: config field type {tp!r} is not supported by from_dict; see the module docstring")
+
+
+def _unknown_keys_error(unknown: list[Any], valid: list[str], path: str) -> ValueError:
+    described = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        described.append(f"{_join(path, key)!r}{hint}")
+    where = f"under {path!r}" if path else "at the top level"
+    noun = "key" if len(unknown) == 1 else "keys"
+    return ValueError(f"unknown config {noun} {', '.join(described)}; valid keys {where}: {', '.join(valid)}")
+
+
+def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
+    """Build the frozen dataclass ``cls`` (and its nested sections) from plain data.
+
+    ``data`` is a mapping of field names to YAML-like values (or anything ``cls.coerce``
+    accepts). Missing fields take their defaults. ``path`` is the dotted location of
+    ``data`` in the config tree, used in error messages.
+
+    Raises:
+        ValueError: unknown or missing keys, wrong types, or values out of range; the
+            message names the full dotted path, the value and what is allowed.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    coerce = getattr(cls, "coerce", None)
+    if coerce is not None:
+        try:
+            data = coerce(data)
+        except ValueError as error:
+            raise ValueError(_at(path, str(error))) from None
+    if not isinstance(data, Mapping):
+        raise _type_error(path, cls, data)
+
+    types_by_name = _field_types(cls)
+    valid = list(types_by_name)
+    unknown = [key for key in data if key not in types_by_name]
+    if unknown:
+        raise _unknown_keys_error(unknown, valid, path)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in data
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        names = ", ".join(repr(name) for name in required)
+        raise ValueError(_at(path, f"missing required field {names} for {cls.__name__}"))
+
+    kwargs = {name: _convert(types_by_name[name], value, _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as error:
+        raise ValueError(f"{_join(path, error.field_name)} {error.detail}") from None
+    except ValueError as error:
+        if not path:
+            raise
+        raise ValueError(_at(path, str(error))) from None
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _to_plain(item) for key, item in value.items()}
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The inverse of :func:`from_dict`: plain dicts, lists (for tuples) and scalars.
+
+    ``from_dict(type(x), to_dict(x)) == x`` holds for every config; tuples nested inside
+    ``dict[str, Any]`` fields come back as lists.
+    """
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        raise TypeError(f"to_dict needs a dataclass instance, got {obj!r}")
+    return _to_plain(obj)
+
+
+# --------------------------------------------------------------------------- overrides and files
+
+
+def _copy_tree(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _copy_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_tree(item) for item in value]
+    return value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``"dotted.key=value"`` override set.
+
+    The value is parsed as YAML, so ``3``, ``0.1``, ``1e-4``, ``true``, ``null`` and
+    ``[a, b]`` have their YAML types. Missing intermediate mappings are created; unknown
+    keys are reported later by :func:`from_dict`. ``data`` is not modified.
+    """
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
+    result = _copy_tree(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(
+                f"config override {override!r} must look like 'dotted.key=value', e.g. 'sampling.num_steps=10'"
+            )
+        keys = key.split(".")
+        if any(not part for part in keys):
+            raise ValueError(f"config override {override!r} has an empty key segment in {key!r}")
+        try:
+            value = _parse_yaml(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"cannot parse the value of config override {override!r} as YAML: {error}") from None
+
+        node = result
+        for depth, part in enumerate(keys[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ValueError(
+                    f"cannot apply config override {override!r}: {where!r} is {_show(child)}, not a mapping; "
+                    f"override {where!r} as a whole instead"
+                )
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise ValueError(f"cannot read config file {str(path)!r}: {error}") from None
+    try:
+        data = _parse_yaml(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if data is None:  # an empty file: all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {str(path)!r} must contain a mapping of sections (seed:, model:, ...), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    cls: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Load and validate a config from a YAML file path or a mapping, then apply overrides.
+
+    ``source=None`` means all defaults; anything not given takes its default.
+
+    Raises:
+        ValueError: the file is missing, unreadable, not YAML or not a mapping (the
+            message names the file), or an override or value is invalid.
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = _copy_tree(source)
+    elif isinstance(source, (str, os.PathLike)):
+        data = _read_yaml_file(Path(source).expanduser())
+    else:
+        raise TypeError(f"config source must be a path, a mapping or None, got {_show(source)}")
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.dump(to_dict(cfg), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def dump_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
+    """Write :func:`config_to_yaml` of ``cfg`` to ``path``, creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg), encoding="utf-8")
