@@ -1,0 +1,380 @@
+"""The diffusion policy: an SD-1.5-format pipeline as a stochastic policy over denoising steps.
+
+One code path loads any Stable-Diffusion-1.5-format pipeline directory from a local
+path: the embedded toy model or a real SD 1.5 checkpoint. The UNet is fine-tuned with
+LoRA (peft) or fully; the VAE and text encoder stay frozen.
+
+``sample`` records every transition's latents, timestep and Gaussian log-probability;
+``log_prob`` recomputes the same quantities under the current weights for given
+transitions. Both share :func:`actors.ddim.ddim_step_with_log_prob` and the same
+guidance arithmetic, which is what makes the importance ratio exactly 1 at equal weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from actors import ddim
+from actors.trajectory import Trajectories
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+"""diffusers' file name, so ``StableDiffusionPipeline.load_lora_weights(dir)`` reads our adapters too."""
+LORA_CONFIG_NAME = "adapter_config.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device: cpu or auto")
+    return torch.device(device)
+
+
+def check_pipeline_dir(path: str | os.PathLike) -> Path:
+    """Fail early, naming what is missing, when ``path`` is not a usable pipeline directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} is not a directory; give a local diffusers pipeline directory (SD 1.5 format)")
+    missing = [name for name in _REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise ValueError(
+            f"model path {str(path)!r} is not a Stable Diffusion pipeline directory: missing {', '.join(m + '/' for m in missing)}; "
+            f"expected subfolders {', '.join(_REQUIRED_SUBFOLDERS)} (as written by StableDiffusionPipeline.save_pretrained)"
+        )
+    for sub in ("unet", "vae", "text_encoder"):
+        weights = list((path / sub).glob("*.safetensors"))
+        if not weights:
+            found = ", ".join(sorted(p.name for p in (path / sub).iterdir())) or "nothing"
+            raise ValueError(
+                f"{path / sub} has no .safetensors weights (found: {found}); rayalign loads safetensors only. "
+                f"Convert with: pipeline.save_pretrained(dir, safe_serialization=True)"
+            )
+    return path
+
+
+class DiffusionPolicy:
+    """A text-to-image diffusion model with sampling and log-prob recomputation.
+
+    Build with :meth:`from_pretrained`. ``unet`` is the only trained module.
+    """
+
+    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype, lora_config=None):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.device = device
+        self.dtype = dtype
+        self.lora_config = lora_config
+        self.version = 0
+        """Incremented by every weight update, so trajectories can say which weights made them."""
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
+        self.prediction_type = scheduler.config.prediction_type
+        self._negative_embeds: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_dropout: float = 0.0,
+        dtype: str = "float32",
+        device: str = "auto",
+        lora_path: str | os.PathLike | None = None,
+    ) -> "DiffusionPolicy":
+        """Load a local SD-1.5-format pipeline; attach a fresh LoRA or one from ``lora_path``."""
+        path = check_pipeline_dir(path)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune {finetune!r} is not supported; choose 'lora' or 'full'")
+        torch_dtype = _DTYPES[dtype]
+        torch_device = resolve_device(device)
+        common = {"torch_dtype": torch_dtype, "use_safetensors": True}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        # Whatever scheduler the checkpoint ships (SD 1.5 ships PNDM), sampling is DDIM with its noise schedule.
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.to(torch_device).eval()
+        policy = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, device=torch_device, dtype=torch_dtype)
+        if lora_path is not None:
+            policy.load_lora(lora_path)
+        elif finetune == "lora":
+            policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
+        else:
+            unet.requires_grad_(True)
+        return policy
+
+    def add_lora(self, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0) -> None:
+        """Attach a LoRA adapter to the UNet's attention projections; only it is trainable."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout, init_lora_weights="gaussian")
+        try:
+            self.unet.add_adapter(config)
+        except ValueError as error:
+            raise ValueError(f"could not attach LoRA to target modules {list(target_modules)}: {error}") from error
+        self._cast_trainable_to_float32()
+        self.lora_config = config
+
+    def _cast_trainable_to_float32(self) -> None:
+        # Half-precision master weights lose small updates; trainable weights stay fp32.
+        for param in self.unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ LoRA persistence
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter weights in diffusers' key format (what a weight sync ships)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        if self.lora_config is None:
+            raise ValueError("this policy has no LoRA adapter (finetune: full); save the UNet instead")
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+
+    def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        if self.lora_config is None:
+            raise ValueError("this policy has no LoRA adapter to load weights into")
+        peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items()})
+        result = set_peft_model_state_dict(self.unet, peft_state)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise ValueError(f"LoRA weights do not match this model's adapter: unexpected keys {unexpected[:5]}")
+
+    def save_lora(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` and diffusers-format safetensors weights."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in self.lora_state_dict().items()}
+        save_file(state, directory / LORA_WEIGHTS_NAME, metadata={"format": "pt"})
+        config = self.lora_config.to_dict()
+        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
+        (directory / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        return directory
+
+    def load_lora(self, directory: str | os.PathLike) -> None:
+        """Attach the adapter saved by :meth:`save_lora` (replacing none: the UNet must have no adapter yet)."""
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights, config_file = directory / LORA_WEIGHTS_NAME, directory / LORA_CONFIG_NAME
+        for required in (weights, config_file):
+            if not required.is_file():
+                raise ValueError(f"LoRA directory {str(directory)!r} lacks {required.name}; give a directory written by rayalign (checkpoints/.../lora)")
+        raw = json.loads(config_file.read_text())
+        config = LoraConfig(
+            r=raw["r"], lora_alpha=raw["lora_alpha"], target_modules=raw["target_modules"], lora_dropout=raw.get("lora_dropout", 0.0), init_lora_weights="gaussian"
+        )
+        if self.lora_config is not None:
+            raise ValueError("this policy already has a LoRA adapter; load adapters into a freshly loaded base model")
+        self.unet.add_adapter(config)
+        self._cast_trainable_to_float32()
+        self.lora_config = config
+        self.load_lora_state_dict(load_file(weights))
+
+    # ------------------------------------------------------------------ text and pixels
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states. (batch, tokens, dim) float32."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    def negative_embeds(self) -> torch.Tensor:
+        """Embedding of the empty caption, computed once. (tokens, dim) float32."""
+        if self._negative_embeds is None:
+            self._negative_embeds = self.encode_prompts([""])[0]
+        return self._negative_embeds
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents x_0 -> images. (batch, H, W, 3) uint8."""
+        scaled = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        pixels = self.vae.decode(scaled).sample.float()
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ the policy
+    def _model_output(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """The (guided) network output for a batch; one UNet call with [uncond; cond] when guiding."""
+        unet_dtype = next(self.unet.parameters()).dtype if self.lora_config is None else self.unet.dtype
+        if guidance_scale == 1.0:
+            return self.unet(latents.to(unet_dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet_dtype)).sample.float()
+        batch = latents.shape[0]
+        negative = negative_embeds.expand(batch, *negative_embeds.shape[-2:]) if negative_embeds.ndim == 2 else negative_embeds
+        output = self.unet(
+            torch.cat([latents, latents]).to(unet_dtype),
+            torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([negative, prompt_embeds]).to(unet_dtype),
+        ).sample.float()
+        unconditional, conditional = output.chunk(2)
+        return ddim.guided_output(unconditional, conditional, guidance_scale)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        num_steps: int = 20,
+        eta: float = 1.0,
+        guidance_scale: float = 4.5,
+        reduction: ddim.Reduction = "mean",
+        decode: bool = True,
+    ) -> tuple[Trajectories, np.ndarray | None]:
+        """Sample one image per prompt, recording the whole trajectory.
+
+        Each sample's initial latent and per-step noise come from its own seed, so an
+        image depends only on (weights, prompt, seed, settings), never on which other
+        prompts share its batch. Returns (trajectories, images (batch, H, W, 3) uint8).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 for trajectories to have log-probabilities, got {eta}")
+        batch = len(prompts)
+        channels = self.unet.config.in_channels
+        size = self.unet.config.sample_size
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        latents = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators]).to(self.device)
+        timestep_list = ddim.inference_timesteps(self.scheduler, num_steps)
+        timesteps = torch.tensor(timestep_list, dtype=torch.long)
+        prev_timesteps = ddim.previous_timesteps(timesteps, num_train_timesteps=self.scheduler.config.num_train_timesteps, num_inference_steps=num_steps)
+        prompt_embeds = self.encode_prompts(prompts)
+        negative = self.negative_embeds()
+
+        all_latents = [latents]
+        log_probs = []
+        for t, t_prev in zip(timesteps.tolist(), prev_timesteps.tolist()):
+            t_batch = torch.full((batch,), t, dtype=torch.long, device=self.device)
+            output = self._model_output(latents, t_batch, prompt_embeds, negative, guidance_scale)
+            noise = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators]).to(self.device)
+            step = ddim.ddim_step_with_log_prob(
+                model_output=output,
+                sample=latents,
+                timesteps=t_batch,
+                prev_timesteps=torch.full((batch,), t_prev, dtype=torch.long, device=self.device),
+                alphas_cumprod=self.alphas_cumprod,
+                final_alpha_cumprod=self.final_alpha_cumprod,
+                eta=eta,
+                prediction_type=self.prediction_type,
+                noise=noise,
+                reduction=reduction,
+            )
+            latents = step.prev_sample
+            all_latents.append(latents)
+            log_probs.append(step.log_prob)
+
+        trajectories = Trajectories(
+            prompts=list(prompts),
+            latents=torch.stack(all_latents, dim=1).cpu().numpy(),  # (batch, steps + 1, C, H, W)
+            timesteps=timesteps.numpy(),
+            prev_timesteps=prev_timesteps.numpy(),
+            log_probs=torch.stack(log_probs, dim=1).cpu().numpy(),  # (batch, steps)
+            prompt_embeds=prompt_embeds.cpu().numpy(),
+            negative_prompt_embeds=negative.cpu().numpy(),
+            seeds=np.asarray(seeds, dtype=np.int64),
+            guidance_scale=float(guidance_scale),
+            eta=float(eta),
+            num_inference_steps=num_steps,
+            policy_version=self.version,
+        )
+        images = self.decode(latents) if decode else None
+        return trajectories, images
+
+    def log_prob(
+        self,
+        *,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prev_timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        eta: float,
+        reduction: ddim.Reduction = "mean",
+    ) -> ddim.StepOutput:
+        """Recompute log p_theta(x_{t_prev} | x_t, c) for given transitions under the current weights.
+
+        Shapes: latents/next_latents (batch, C, H, W); timesteps/prev_timesteps (batch,);
+        prompt_embeds (batch, tokens, dim). Differentiable in the trainable weights.
+        """
+        latents = latents.to(self.device)
+        timesteps = timesteps.to(self.device)
+        output = self._model_output(latents, timesteps, prompt_embeds.to(self.device), negative_prompt_embeds.to(self.device), guidance_scale)
+        return ddim.ddim_step_with_log_prob(
+            model_output=output,
+            sample=latents,
+            timesteps=timesteps,
+            prev_timesteps=prev_timesteps.to(self.device),
+            alphas_cumprod=self.alphas_cumprod,
+            final_alpha_cumprod=self.final_alpha_cumprod,
+            eta=eta,
+            prediction_type=self.prediction_type,
+            prev_sample=next_latents.to(self.device),
+            reduction=reduction,
+        )
+
+    def trajectory_log_probs(self, trajectories: Trajectories, *, batch_size: int | None = None, reduction: ddim.Reduction = "mean") -> np.ndarray:
+        """Recompute every recorded transition's log-prob, in batches of ``batch_size`` samples. (batch, steps)."""
+        batch_size = batch_size or trajectories.batch_size
+        steps = trajectories.num_steps
+        result = np.zeros((trajectories.batch_size, steps), dtype=np.float32)
+        negative = torch.from_numpy(trajectories.negative_prompt_embeds)
+        with torch.no_grad():
+            for start in range(0, trajectories.batch_size, batch_size):
+                rows = slice(start, start + batch_size)
+                latents = torch.from_numpy(trajectories.latents[rows])
+                embeds = torch.from_numpy(trajectories.prompt_embeds[rows])
+                n = latents.shape[0]
+                for j in range(steps):
+                    out = self.log_prob(
+                        latents=latents[:, j],
+                        next_latents=latents[:, j + 1],
+                        timesteps=torch.full((n,), int(trajectories.timesteps[j]), dtype=torch.long),
+                        prev_timesteps=torch.full((n,), int(trajectories.prev_timesteps[j]), dtype=torch.long),
+                        prompt_embeds=embeds,
+                        negative_prompt_embeds=negative,
+                        guidance_scale=trajectories.guidance_scale,
+                        eta=trajectories.eta,
+                        reduction=reduction,
+                    )
+                    result[rows, j] = out.log_prob.cpu().numpy()
+        return result

@@ -1,0 +1,78 @@
+"""The trajectory record that rollout actors put in the object store.
+
+Plain numpy arrays (zero-copy reads from Ray's object store on one node); decoded
+images are *not* part of it, they travel as a separate object that only reward actors
+fetch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Trajectories:
+    """A batch of denoising trajectories x_T -> x_0 sampled by one policy version."""
+
+    prompts: list[str]
+    """Caption of each sample. len = batch."""
+    latents: np.ndarray
+    """x_T, x_{T-1}, ..., x_0. (batch, steps + 1, C, H, W) float32."""
+    timesteps: np.ndarray
+    """Timestep t of each transition x_t -> x_{t_prev}, descending. (steps,) int64."""
+    prev_timesteps: np.ndarray
+    """Timestep reached by each transition (negative after the last). (steps,) int64."""
+    log_probs: np.ndarray
+    """log p_behaviour(x_{t_prev} | x_t, c) recorded at sampling. (batch, steps) float32."""
+    prompt_embeds: np.ndarray
+    """Text-encoder output for each caption. (batch, tokens, dim) float32."""
+    negative_prompt_embeds: np.ndarray
+    """Embedding of the empty caption (the unconditional branch of CFG). (tokens, dim) float32."""
+    seeds: np.ndarray
+    """Per-sample seed: initial noise and every step's noise come from it. (batch,) int64."""
+    guidance_scale: float
+    eta: float
+    num_inference_steps: int
+    policy_version: int = 0
+    """Weights version that sampled these; the learner compares it with its own."""
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def select(self, index: np.ndarray | list[int]) -> "Trajectories":
+        """A sub-batch by sample index (copies the rows; shared fields are kept)."""
+        index = np.asarray(index, dtype=np.int64)
+        return dataclasses.replace(
+            self,
+            prompts=[self.prompts[i] for i in index],
+            latents=self.latents[index],
+            log_probs=self.log_probs[index],
+            prompt_embeds=self.prompt_embeds[index],
+            seeds=self.seeds[index],
+        )
+
+    @staticmethod
+    def concatenate(parts: list["Trajectories"]) -> "Trajectories":
+        """Join batches sampled with the same schedule and settings."""
+        if not parts:
+            raise ValueError("cannot concatenate an empty list of trajectories")
+        first = parts[0]
+        for part in parts[1:]:
+            if not np.array_equal(part.timesteps, first.timesteps) or (part.guidance_scale, part.eta) != (first.guidance_scale, first.eta):
+                raise ValueError("trajectories sampled with different timesteps, guidance or eta cannot be concatenated")
+        return dataclasses.replace(
+            first,
+            prompts=[p for part in parts for p in part.prompts],
+            latents=np.concatenate([p.latents for p in parts]),
+            log_probs=np.concatenate([p.log_probs for p in parts]),
+            prompt_embeds=np.concatenate([p.prompt_embeds for p in parts]),
+            seeds=np.concatenate([p.seeds for p in parts]),
+            policy_version=min(p.policy_version for p in parts),
+        )
