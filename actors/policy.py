@@ -65,6 +65,42 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def resolve_lora_dir(path: str | os.PathLike) -> Path:
+    """An adapter directory from what a user may point at: the adapter itself, a checkpoint
+    (``.../epoch_0010``), or a training run directory (its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / LORA_CONFIG_NAME).is_file():
+        return path
+    if (path / "lora" / LORA_CONFIG_NAME).is_file():
+        return path / "lora"
+    if (path / "checkpoints").is_dir():
+        from orchestrator.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is not None and (checkpoint / "lora" / LORA_CONFIG_NAME).is_file():
+            return checkpoint / "lora"
+        raise ValueError(f"{path} is a training run without a complete LoRA checkpoint yet (look in {path / 'checkpoints'})")
+    raise ValueError(f"{path} is not a LoRA adapter, checkpoint or run directory: no {LORA_CONFIG_NAME} found in it or in {path / 'lora'}")
+
+
+def write_lora(directory: str | os.PathLike, state_dict, lora_config) -> Path:
+    """Write an adapter directory: diffusers-format safetensors weights + peft's config.
+
+    ``state_dict`` maps diffusers UNet LoRA keys (no ``unet.`` prefix) to tensors or arrays.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"unet.{k}": torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, directory / LORA_WEIGHTS_NAME, metadata={"format": "pt"})
+    config = lora_config.to_dict()
+    if isinstance(config.get("target_modules"), (set, list)):
+        config["target_modules"] = sorted(config["target_modules"])
+    (directory / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return directory
+
+
 class DiffusionPolicy:
     """A text-to-image diffusion model with sampling and log-prob recomputation.
 
@@ -174,16 +210,9 @@ class DiffusionPolicy:
 
     def save_lora(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` and diffusers-format safetensors weights."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in self.lora_state_dict().items()}
-        save_file(state, directory / LORA_WEIGHTS_NAME, metadata={"format": "pt"})
-        config = self.lora_config.to_dict()
-        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
-        (directory / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        return directory
+        if self.lora_config is None:
+            raise ValueError("this policy has no LoRA adapter (finetune: full); save the UNet instead")
+        return write_lora(directory, self.lora_state_dict(), self.lora_config)
 
     def load_lora(self, directory: str | os.PathLike) -> None:
         """Attach the adapter saved by :meth:`save_lora` (replacing none: the UNet must have no adapter yet)."""
@@ -231,7 +260,8 @@ class DiffusionPolicy:
     # ------------------------------------------------------------------ the policy
     def _model_output(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The (guided) network output for a batch; one UNet call with [uncond; cond] when guiding."""
-        unet_dtype = next(self.unet.parameters()).dtype if self.lora_config is None else self.unet.dtype
+        # Inputs follow the frozen weights' dtype; LoRA weights are fp32 and peft casts for them.
+        unet_dtype = self.dtype
         if guidance_scale == 1.0:
             return self.unet(latents.to(unet_dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet_dtype)).sample.float()
         batch = latents.shape[0]
@@ -378,3 +408,29 @@ class DiffusionPolicy:
                     )
                     result[rows, j] = out.log_prob.cpu().numpy()
         return result
+
+
+def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable: bool = True) -> DiffusionPolicy:
+    """Build a policy from a :class:`orchestrator.config.ModelConfig` section.
+
+    ``trainable=False`` loads the frozen base model (the reference policy): no adapter,
+    no gradients.
+    """
+    from actors.toy_model import embedded_model_path
+
+    path = model.path or embedded_model_path()
+    if not trainable:
+        policy = DiffusionPolicy.from_pretrained(path, finetune="full", dtype=model.dtype, device=model.device)
+        policy.unet.requires_grad_(False)
+        return policy
+    return DiffusionPolicy.from_pretrained(
+        path,
+        finetune=model.finetune,
+        lora_rank=model.lora.rank,
+        lora_alpha=model.lora.alpha,
+        lora_target_modules=model.lora.target_modules,
+        lora_dropout=model.lora.dropout,
+        dtype=model.dtype,
+        device=model.device,
+        lora_path=lora_path,
+    )

@@ -42,13 +42,13 @@ class PretrainArgs:
     """Directory the pipeline is written to (created; must be empty or absent)."""
     seed: int = 0
     """Seeds data rendering, initialisation and noise."""
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     """Optimiser steps of the autoencoder phase."""
     vae_batch_size: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
     """Weight of KL(q(z|x) || N(0, I)); small, so latents stay informative."""
-    unet_steps: int = 2500
+    unet_steps: int = 800
     """Optimiser steps of the denoiser phase."""
     unet_batch_size: int = 128
     unet_lr: float = 1e-3

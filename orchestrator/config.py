@@ -48,11 +48,15 @@ import yaml
 
 __all__ = [
     "Config",
+    "LearnerConfig",
     "LoRAConfig",
     "ModelConfig",
+    "PoolConfig",
+    "PoolsConfig",
     "RewardComponent",
     "RewardConfig",
     "SamplingConfig",
+    "TrainConfig",
     "apply_overrides",
     "config_to_yaml",
     "dump_yaml",
@@ -316,6 +320,175 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """Size and per-actor resources of one actor pool. Resources are Ray *logical*
+    resources: fractions let several pools share a small machine."""
+
+    num_actors: int = 1
+    """Number of actors in the pool; >= 1 (the reference pool may be 0 when the algorithm
+    has no KL term; with >= 1 the KL to the reference is logged as a diagnostic)."""
+
+    num_cpus: float = 0.5
+    """Logical CPUs reserved per actor; >= 0 (fractions allowed)."""
+
+    num_gpus: float = 0.0
+    """GPUs reserved per actor; >= 0 (fractions allowed, e.g. 0.5 to pack two actors on a GPU)."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "num_actors", low=0, why="0 is allowed only for the reference pool")
+        _check_range(self, "num_cpus", low=0)
+        _check_range(self, "num_gpus", low=0)
+
+
+def _pool(num_cpus: float) -> Any:
+    return field(default_factory=lambda: PoolConfig(num_cpus=num_cpus))
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    """The actor pools around the learners."""
+
+    rollout: PoolConfig = _pool(1.0)
+    """Policy copies that sample trajectories (receive new weights after every update)."""
+
+    reward: PoolConfig = _pool(0.5)
+    """Reward actors that score decoded images."""
+
+    reference: PoolConfig = _pool(0.5)
+    """Frozen copies of the initial policy that compute reference means for the KL term
+    (only used by algorithms with a KL term, e.g. dpok)."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The learner group: Ray Train workers running DeepSpeed."""
+
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks); >= 1."""
+
+    num_cpus_per_worker: float = 1.0
+    """Logical CPUs per worker; >= 0."""
+
+    num_gpus_per_worker: float = 0.0
+    """GPUs per worker; 0 trains on CPU (gloo), >= 1 on GPU (nccl)."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded),
+    2 (+ gradients), 3 (+ parameters)."""
+
+    micro_batch_size: int = 4
+    """Trajectories per forward/backward pass on one worker; >= 1."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per worker whose gradients add up to one optimizer step (before the
+    per-timestep accumulation DDPO adds on top); >= 1."""
+
+    learning_rate: float = 3e-4
+    """AdamW learning rate (DDPO uses 3e-4 for LoRA); > 0."""
+
+    weight_decay: float = 1e-4
+    """AdamW weight decay; >= 0."""
+
+    adam_beta1: float = 0.9
+    """AdamW beta1; in [0, 1)."""
+
+    adam_beta2: float = 0.999
+    """AdamW beta2; in [0, 1)."""
+
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon; > 0."""
+
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; > 0."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "num_workers", low=1)
+        _check_range(self, "num_cpus_per_worker", low=0)
+        _check_range(self, "num_gpus_per_worker", low=0)
+        _check_range(self, "zero_stage", low=0, high=3)
+        _check_range(self, "micro_batch_size", low=1)
+        _check_range(self, "gradient_accumulation_steps", low=1)
+        _check_positive(self, "learning_rate")
+        _check_range(self, "weight_decay", low=0)
+        _check_range(self, "adam_beta1", low=0, high=1, high_open=True)
+        _check_range(self, "adam_beta2", low=0, high=1, high_open=True)
+        _check_positive(self, "adam_epsilon")
+        _check_positive(self, "max_grad_norm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The RL loop: what is sampled each epoch and how it is learned from."""
+
+    algorithm: Literal["ddpo_sf", "ddpo_is", "dpok"] = "ddpo_is"
+    """Policy-gradient estimator: "ddpo_sf" (REINFORCE), "ddpo_is" (PPO-clipped
+    importance ratio), "dpok" (ddpo_is plus beta * per-step KL to the frozen reference)."""
+
+    epochs: int = 10
+    """Sample -> score -> learn -> sync rounds; >= 1."""
+
+    prompts: str = "toy-train"
+    """Training prompts: a built-in set (toy-train, toy-heldout, toy-all) or a text file
+    with one prompt per line."""
+
+    samples_per_epoch: int = 32
+    """Trajectories sampled per epoch across the rollout pool; must be divisible by
+    learner.num_workers * learner.micro_batch_size."""
+
+    inner_epochs: int = 1
+    """Passes over each epoch's samples (more than 1 reuses samples off-policy, corrected
+    by the importance ratio); >= 1."""
+
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's denoising steps trained on (DDPO); in (0, 1]."""
+
+    clip_range: float = 1e-4
+    """PPO clip range of the importance ratio (ddpo_is, dpok); DDPO uses 1e-4; > 0."""
+
+    beta: float = 0.01
+    """Weight of the per-step KL to the reference policy (dpok); >= 0."""
+
+    advantage: Literal["per_prompt", "batch"] = "per_prompt"
+    """Reward normalisation: "per_prompt" (running stats per prompt, DDPO) or "batch"."""
+
+    stat_buffer_size: int = 32
+    """Rewards remembered per prompt for per-prompt normalisation; >= 1."""
+
+    stat_min_count: int = 16
+    """Below this many rewards for a prompt, batch statistics are used instead; >= 1."""
+
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max]; > 0."""
+
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many epochs (and after the last); >= 1."""
+
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk; >= 1."""
+
+    eval_every: int = 5
+    """Save an image grid of the held-out prompts every this many epochs; 0 = never."""
+
+    eval_prompts: str = "toy-heldout"
+    """Prompts for the image grid (a built-in set or a file)."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "epochs", low=1)
+        _check_range(self, "samples_per_epoch", low=1)
+        _check_range(self, "inner_epochs", low=1)
+        _check_range(self, "timestep_fraction", low=0, high=1, low_open=True)
+        _check_positive(self, "clip_range")
+        _check_range(self, "beta", low=0)
+        _check_range(self, "stat_buffer_size", low=1)
+        _check_range(self, "stat_min_count", low=1)
+        _check_positive(self, "adv_clip_max")
+        _check_range(self, "checkpoint_every", low=1)
+        _check_range(self, "keep_checkpoints", low=1)
+        _check_range(self, "eval_every", low=0)
+        _check_non_empty(self, "prompts")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs. Components get their own section, never this root."""
 
@@ -331,8 +504,39 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     """The reward functions and their weights."""
 
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The RL loop: algorithm, epochs, batch sizes, advantage estimation, checkpoints."""
+
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    """Rollout, reward and reference actor pools."""
+
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The DeepSpeed learner group in Ray Train."""
+
     def __post_init__(self) -> None:
         _check_range(self, "seed", low=0)
+        for name in ("rollout", "reward"):
+            if getattr(self.pools, name).num_actors < 1:
+                raise _FieldError(f"pools.{name}.num_actors", "must be >= 1: training cannot run without this pool")
+        if self.train.algorithm == "dpok" and self.pools.reference.num_actors < 1:
+            raise _FieldError("pools.reference.num_actors", "must be >= 1 for algorithm dpok, whose KL term needs the reference policy")
+        # Cross-section rules that no single section can check on its own.
+        shard = self.learner.num_workers * self.learner.micro_batch_size
+        if self.train.samples_per_epoch % shard:
+            raise _FieldError(
+                "train.samples_per_epoch",
+                f"must be divisible by learner.num_workers * learner.micro_batch_size = "
+                f"{self.learner.num_workers} * {self.learner.micro_batch_size} = {shard}, got "
+                f"{self.train.samples_per_epoch}; e.g. use {max(shard, self.train.samples_per_epoch // shard * shard)}",
+            )
+        micro_batches = self.train.samples_per_epoch // shard
+        if micro_batches % self.learner.gradient_accumulation_steps:
+            raise _FieldError(
+                "learner.gradient_accumulation_steps",
+                f"must divide the {micro_batches} micro-batches each worker gets per epoch "
+                f"(train.samples_per_epoch / (num_workers * micro_batch_size)), got "
+                f"{self.learner.gradient_accumulation_steps}",
+            )
 
 
 # --------------------------------------------------------------------------- YAML
@@ -675,3 +879,24 @@ def dump_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    """Names of the configs shipped in ``orchestrator/presets``."""
+    from importlib import resources
+
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("orchestrator").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str, overrides: Sequence[str] = ()) -> "Config":
+    """A shipped preset by name, with ``key=value`` overrides applied."""
+    from importlib import resources
+
+    names = preset_names()
+    if name not in names:
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+    text = resources.files("orchestrator").joinpath("presets", f"{name}.yaml").read_text()
+    return load_config(_parse_yaml(text) or {}, overrides)

@@ -1,0 +1,220 @@
+"""The ``rayalign`` command line.
+
+Each sub-command parses its arguments, builds components from ``actors``/``orchestrator``
+and reports; no algorithm lives here. User errors (bad paths, configs, names) print one
+line starting with ``error:`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger("rayalign")
+
+
+def _add_eval(subparsers) -> None:
+    from orchestrator.config import SamplingConfig
+
+    defaults = SamplingConfig()
+    p = subparsers.add_parser("eval", help="score a model (optionally with a LoRA) on a prompt file")
+    p.add_argument("--model", help="local SD-1.5-format pipeline directory (default: the embedded toy model)")
+    p.add_argument("--lora", help="LoRA adapter: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line; or a built-in set: toy-train, toy-heldout, toy-all")
+    p.add_argument("--reward", required=True, action="append", help="reward name (repeat to sum several), NAME=WEIGHT, or module:function")
+    p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its prompt (default 0)")
+    p.add_argument("--output", required=True, help="JSON file for the scores; the image grid goes next to it as .png")
+    p.add_argument("--steps", type=int, default=defaults.num_steps, help=f"DDIM steps (default {defaults.num_steps})")
+    p.add_argument("--eta", type=float, default=defaults.eta, help=f"DDIM eta (default {defaults.eta})")
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help=f"CFG weight (default {defaults.guidance_scale})")
+    p.add_argument("--batch-size", type=int, default=32, help="images per sampling call (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(run=run_eval)
+
+
+def _parse_reward_args(values: Sequence[str]) -> list[tuple[str, float]]:
+    components = []
+    for value in values:
+        name, _, weight = value.partition("=")
+        try:
+            components.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"--reward {value!r}: weight {weight!r} is not a number; write NAME or NAME=WEIGHT") from None
+    return components
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from actors.prompts import read_prompts
+    from actors.rewards import build_reward
+    from orchestrator.config import SamplingConfig
+
+    # Cheap checks first, so a typo fails before the model libraries are even imported.
+    sampling = SamplingConfig(num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    reward = build_reward(_parse_reward_args(args.reward))
+    prompts = read_prompts(args.prompts)
+    output = Path(args.output)
+    if output.suffix.lower() != ".json":
+        raise ValueError(f"--output {args.output!r} must end in .json (the image grid is written next to it as .png)")
+    if args.num_per_prompt < 1:
+        raise ValueError(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
+
+    _quiet_library_progress()
+    from actors.evaluate import evaluate
+    from actors.images import make_grid, save_png
+    from actors.policy import DiffusionPolicy
+    from actors.toy_model import embedded_model_path
+    from actors.policy import resolve_lora_dir
+
+    model_path = args.model or embedded_model_path()
+    lora = resolve_lora_dir(args.lora) if args.lora else None
+    logger.info("loading %s%s", model_path, f" + LoRA {lora}" if lora else "")
+    if lora:
+        policy = DiffusionPolicy.from_pretrained(model_path, finetune="lora", lora_path=lora, dtype=args.dtype, device=args.device)
+    else:
+        policy = DiffusionPolicy.from_pretrained(model_path, finetune="full", dtype=args.dtype, device=args.device)
+    logger.info("%d prompts x %d images, %d DDIM steps, guidance %.2f, reward %s", len(prompts), args.num_per_prompt, sampling.num_steps, sampling.guidance_scale, reward.name)
+    result = evaluate(
+        policy,
+        prompts,
+        reward,
+        num_per_prompt=args.num_per_prompt,
+        seed=args.seed,
+        num_steps=sampling.num_steps,
+        eta=sampling.eta,
+        guidance_scale=sampling.guidance_scale,
+        batch_size=sampling.batch_size,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "mean": result.mean,
+        "std": result.std,
+        "per_prompt": result.per_prompt,
+        "reward": reward.name,
+        "info": result.info,
+        "model": str(model_path),
+        "lora": str(lora) if lora else None,
+        "num_per_prompt": args.num_per_prompt,
+        "seed": args.seed,
+        "sampling": {"num_steps": sampling.num_steps, "eta": sampling.eta, "guidance_scale": sampling.guidance_scale},
+        "images_per_second": result.images_per_second,
+    }
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    grid = save_png(make_grid(result.images, columns=args.num_per_prompt), output.with_suffix(".png"))
+    print(f"{reward.name}: mean {result.mean:.4f} (std {result.std:.4f}) over {len(prompts)} prompts x {args.num_per_prompt} images "
+          f"[{result.images_per_second:.1f} images/s]")
+    print(f"wrote {output} and {grid}")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="run (or resume) distributed DDPO/DPOK training")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, quickstart")
+    source.add_argument("--config", help="a YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--output-dir", required=True, help="run directory: config.yaml, metrics.jsonl, tensorboard/, images/, checkpoints/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last complete checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default: max(8, cores))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config, load_preset
+    from orchestrator.metrics import read_metrics
+    from orchestrator.run import train
+
+    if args.preset:
+        cfg = load_preset(args.preset, args.overrides)
+    elif args.config:
+        cfg = load_config(args.config, args.overrides)
+    elif args.overrides:
+        raise ValueError("--set needs --preset or --config (on --resume, give the run's own --config to change train.epochs)")
+    elif not args.resume:
+        raise ValueError("give --preset NAME or --config FILE (or --resume to continue a run)")
+    else:
+        cfg = None
+    output = train(cfg, args.output_dir, resume=args.resume, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress)
+    metrics = read_metrics(output)
+    if metrics:
+        last = metrics[-3:]
+        print(f"reward/mean: epoch 1 {metrics[0]['reward/mean']:.4f} -> last {len(last)} epochs {sum(m['reward/mean'] for m in last) / len(last):.4f}")
+    print(f"run written to {output}; evaluate with: rayalign eval --lora {output} --prompts toy-heldout --reward toy_fidelity --output {output}/eval_heldout.json")
+    return 0
+
+
+def _add_make_toy_model(subparsers) -> None:
+    # Defaults live in actors.toy_pretrain.PretrainArgs; importing it here would load torch
+    # for every command, so unset flags are left to it (the help text quotes its values).
+    p = subparsers.add_parser("make-toy-model", help="pretrain the embedded toy text-to-image model from scratch")
+    p.add_argument("--output", required=True, help="directory to write the pipeline to (must not exist or be empty)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--vae-steps", type=int, help="autoencoder steps (default 1000)")
+    p.add_argument("--unet-steps", type=int, help="denoiser steps (default 800)")
+    p.add_argument("--images-per-prompt", type=int, help="renders per training caption (default 80)")
+    p.set_defaults(run=run_make_toy_model)
+
+
+_PRETRAIN_FLAGS = ("seed", "vae_steps", "unet_steps", "images_per_prompt")
+
+
+def run_make_toy_model(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in _PRETRAIN_FLAGS if getattr(args, name) is not None}
+    for name, value in given.items():
+        if name != "seed" and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    from actors.toy_pretrain import PretrainArgs, pretrain
+
+    report = pretrain(PretrainArgs(output=args.output, **given))
+    print(f"wrote toy pipeline to {args.output} in {report['time/total_s']:.0f}s "
+          f"(reconstruction fidelity {report['vae/reconstruction_fidelity']:.3f}, denoiser loss {report['unet/final_loss']:.4f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayalign", description="Align text-to-image diffusion models with RL on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_make_toy_model(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_library_progress() -> None:
+    """Loading a few small files should not print "Loading weights" bars."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

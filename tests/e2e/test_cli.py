@@ -1,0 +1,107 @@
+"""The ``rayalign`` command as a user runs it: a real subprocess, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors import toy_world
+
+
+def rayalign(*args, cwd=None, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def test_eval_writes_scores_and_grid(tiny_pipeline_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two toy prompts\na red circle on the left\n\nan orange square at the top\n")
+    out = tmp_path / "eval" / "scores.json"
+    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", prompts, "--reward", "toy_fidelity", "--num-per-prompt", 3, "--seed", 5, "--steps", 3, "--output", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["per_prompt"]) == {"a red circle on the left", "an orange square at the top"}
+    assert report["mean"] == pytest.approx(np.mean(list(report["per_prompt"].values())))
+    assert all(0.0 <= v <= 1.0 for v in report["per_prompt"].values())
+    assert f"mean {report['mean']:.4f}" in result.stdout
+    grid = np.asarray(Image.open(out.with_suffix(".png")))
+    assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] > grid.shape[0]  # 2 rows x 3 columns
+
+    again = tmp_path / "again.json"
+    assert rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", prompts, "--reward", "toy_fidelity", "--num-per-prompt", 3, "--seed", 5, "--steps", 3, "--output", again).returncode == 0
+    assert json.loads(again.read_text())["per_prompt"] == report["per_prompt"]  # same seed, same scores
+    np.testing.assert_array_equal(np.asarray(Image.open(again.with_suffix(".png"))), grid)
+
+
+def test_eval_combined_reward_and_builtin_prompts(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "combo.json"
+    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "toy_fidelity=0.5", "--reward", "jpeg_compressibility=0.1",
+                      "--num-per-prompt", 1, "--steps", 2, "--output", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["per_prompt"]) == toy_world.held_out_prompts()
+    assert report["reward"] == "0.5*toy_fidelity + 0.1*jpeg_compressibility"
+    assert "jpeg_compressibility/jpeg_kb" in report["info"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reward", "aesthetics"], "unknown reward 'aesthetics'"),
+        (["--reward", "toy_fidelity", "--prompts", "missing.txt"], "prompt file 'missing.txt' does not exist"),
+        (["--reward", "toy_fidelity", "--steps", "0"], "num_steps must be >= 1"),
+        (["--reward", "toy_fidelity", "--model", "no/such/dir"], "is not a directory"),
+        (["--reward", "toy_fidelity=heavy"], "is not a number"),
+    ],
+)
+def test_eval_user_errors_are_one_clear_line(tiny_pipeline_dir, tmp_path, extra, message):
+    args = ["eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--output", tmp_path / "x.json", *extra]
+    # later flags win in argparse, so --prompts/--model given in `extra` replace the defaults above
+    result = rayalign(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unknown_reward_lists_the_valid_names(tiny_pipeline_dir, tmp_path):
+    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "nope", "--output", tmp_path / "x.json")
+    for name in ("jpeg_compressibility", "jpeg_incompressibility", "toy_fidelity"):
+        assert name in result.stderr
+
+
+def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
+    out = tmp_path / "toy"
+    result = rayalign("make-toy-model", "--output", out, "--vae-steps", 3, "--unet-steps", 3, "--images-per-prompt", 1)
+    assert result.returncode == 0, result.stderr
+    assert "wrote toy pipeline" in result.stdout
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    report = json.loads((out / "pretrain_report.json").read_text())
+    assert report["unet_steps"] == 3 and report["time/total_s"] > 0
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor == pytest.approx(report["vae/scaling_factor"])
+    # Refuses to overwrite what is already there.
+    again = rayalign("make-toy-model", "--output", out, "--vae-steps", 1, "--unet-steps", 1)
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_make_toy_model_help_quotes_the_real_defaults():
+    # The CLI does not import the pretraining module to build its parser; its help text
+    # states the defaults, which must be PretrainArgs' own.
+    from actors.toy_pretrain import PretrainArgs
+    from jobs.cli import build_parser
+
+    defaults = PretrainArgs(output="x")
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    helps = {a.dest: a.help for a in subparsers.choices["make-toy-model"]._actions}
+    for name in ("seed", "vae_steps", "unet_steps", "images_per_prompt"):
+        assert f"(default {getattr(defaults, name)})" in helps[name], name
