@@ -10,6 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of ``array``; copied when the array is read-only (zero-copy reads
+    from Ray's object store are), since torch may not share read-only memory."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 @dataclasses.dataclass

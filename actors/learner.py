@@ -1,0 +1,191 @@
+"""Learner: one data-parallel rank that updates the policy with DeepSpeed.
+
+Runs inside a Ray Train worker (``orchestrator.loop.train_loop_per_worker``), where
+``torch.distributed`` is already initialised (gloo on CPU, nccl on GPU); DeepSpeed
+reuses that process group. Each rank trains on its own shard of the epoch's
+trajectories; DeepSpeed averages gradients across ranks and accumulates them over
+micro-batches and denoising steps, so W workers with per-worker batch B/W take the
+same step as one worker with batch B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference
+from actors.policy import DiffusionPolicy, load_policy
+from actors.trajectory import Trajectories, as_tensor
+
+logger = logging.getLogger(__name__)
+
+
+def select_accelerator() -> str:
+    """Pick DeepSpeed's accelerator before it is imported: its CPU one when there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def num_train_timesteps(num_steps: int, timestep_fraction: float) -> int:
+    """Denoising steps trained per trajectory (DDPO's timestep_fraction), at least one."""
+    return max(1, int(round(num_steps * timestep_fraction)))
+
+
+def deepspeed_config(learner, *, train_timesteps: int) -> dict[str, Any]:
+    """DeepSpeed config for a learner section: one optimizer step per (accumulation x timesteps) micro-steps."""
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": learner.gradient_accumulation_steps * train_timesteps,
+        "gradient_clipping": learner.max_grad_norm,
+        "zero_optimization": {"stage": learner.zero_stage},
+        # The optimizer is torch's AdamW, given by us: DeepSpeed's own Adam kernels need a CUDA or JIT build.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Learner:
+    """The policy under a DeepSpeed engine, plus the loss of the configured algorithm."""
+
+    def __init__(self, *, model, learner, train, seed: int, rank: int, world_size: int):
+        select_accelerator()
+        import deepspeed
+
+        self.train_cfg = train
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        torch.manual_seed(seed)  # identical adapter init on every rank (DeepSpeed also broadcasts rank 0's)
+        self.policy: DiffusionPolicy = load_policy(model)
+        self.algorithm = get_algorithm(train.algorithm)
+        self.params = AlgorithmParams(clip_range=train.clip_range, beta=train.beta)
+        self.uses_reference = needs_reference(train.algorithm)
+        self.micro_batch_size = learner.micro_batch_size
+        optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(),
+            lr=learner.learning_rate,
+            betas=(learner.adam_beta1, learner.adam_beta2),
+            eps=learner.adam_epsilon,
+            weight_decay=learner.weight_decay,
+        )
+        self._timesteps_per_trajectory: int | None = None
+        self._learner_cfg = learner
+        self._optimizer = optimizer
+        self.engine = None
+        self._deepspeed = deepspeed
+
+    def _ensure_engine(self, num_steps: int) -> None:
+        """DeepSpeed's accumulation count depends on the trajectory length, known at the first batch."""
+        if self.engine is not None:
+            return
+        train_timesteps = num_train_timesteps(num_steps, self.train_cfg.timestep_fraction)
+        self._timesteps_per_trajectory = train_timesteps
+        config = deepspeed_config(self._learner_cfg, train_timesteps=train_timesteps)
+        config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * self.world_size
+        engine, _, _, _ = self._deepspeed.initialize(
+            model=self.policy.unet,
+            model_parameters=self.policy.trainable_parameters(),
+            optimizer=self._optimizer,
+            config=config,
+            dist_init_required=False,
+        )
+        self.engine = engine
+        self.policy.unet = engine  # forward passes go through the engine (ZeRO-3 hooks, grad sync)
+
+    def prepare(self, num_steps: int) -> None:
+        """Build the DeepSpeed engine ahead of the first epoch (needed before loading a checkpoint)."""
+        self._ensure_engine(num_steps)
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, shard: Trajectories, advantages: np.ndarray, ref_means: np.ndarray | None, *, epoch: int) -> dict[str, float]:
+        """All inner epochs of DDPO/DPOK updates on this rank's shard. Returns mean statistics."""
+        if self.uses_reference and ref_means is None:
+            raise ValueError(f"algorithm {self.train_cfg.algorithm!r} needs reference means; the reference pool returned none")
+        self._ensure_engine(shard.num_steps)
+        batch = shard.batch_size
+        if batch % self.micro_batch_size:
+            raise ValueError(f"shard of {batch} trajectories is not divisible by micro_batch_size {self.micro_batch_size}")
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        # Dropout and any other torch randomness restart from (seed, epoch, rank): a resumed
+        # run replays exactly what an uninterrupted one would.
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+        steps = shard.num_steps
+        train_timesteps = self._timesteps_per_trajectory
+        latents = as_tensor(shard.latents)  # (batch, steps + 1, C, H, W)
+        old_log_probs = as_tensor(shard.log_probs)  # (batch, steps)
+        adv = as_tensor(np.asarray(advantages, dtype=np.float32))  # (batch,)
+        embeds = as_tensor(shard.prompt_embeds)
+        negative = as_tensor(shard.negative_prompt_embeds)
+        timesteps = as_tensor(shard.timesteps)
+        prev_timesteps = as_tensor(shard.prev_timesteps)
+        ref = as_tensor(ref_means) if ref_means is not None else None
+        stats: dict[str, list[float]] = {}
+        self.engine.train()
+        for _ in range(self.train_cfg.inner_epochs):
+            order = rng.permutation(batch)
+            # DDPO shuffles the denoising steps of each trajectory independently.
+            step_order = np.stack([rng.permutation(steps)[:train_timesteps] for _ in range(batch)])  # (batch, train_timesteps)
+            for start in range(0, batch, self.micro_batch_size):
+                rows = order[start : start + self.micro_batch_size]
+                for k in range(train_timesteps):
+                    j = as_tensor(step_order[rows, k])  # (micro,) step index per trajectory
+                    r = as_tensor(rows)
+                    out = self.policy.log_prob(
+                        latents=latents[r, j],
+                        next_latents=latents[r, j + 1],
+                        timesteps=timesteps[j],
+                        prev_timesteps=prev_timesteps[j],
+                        prompt_embeds=embeds[r],
+                        negative_prompt_embeds=negative,
+                        guidance_scale=shard.guidance_scale,
+                        eta=shard.eta,
+                    )
+                    inputs = LossInputs(
+                        log_prob=out.log_prob,
+                        old_log_prob=old_log_probs[r, j],
+                        advantages=adv[r],
+                        mean=out.mean,
+                        ref_mean=ref[r, j].to(out.mean.device) if ref is not None else None,
+                        std=out.std,
+                    )
+                    loss = self.algorithm(inputs, self.params)
+                    self.engine.backward(loss.loss)
+                    self.engine.step()
+                    for key, value in loss.stats.items():
+                        stats.setdefault(key, []).append(value)
+                    if inputs.ref_mean is not None and "kl/mean" not in loss.stats:
+                        # No KL in this loss: still report how far the policy has moved from the reference.
+                        with torch.no_grad():
+                            kl = gaussian_kl(mean=out.mean, ref_mean=inputs.ref_mean, std=out.std)
+                        stats.setdefault("kl/mean", []).append(float(kl.mean()))
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    # ------------------------------------------------------------------ weights
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """Trainable weights as numpy (LoRA adapters in diffusers' keys, or the full UNet).
+
+        A collective under ZeRO-3 (parameters are gathered), so every rank must call it.
+        """
+        module = self.engine.module if self.engine is not None else self.policy.unet
+        params = [p for p in module.parameters() if p.requires_grad]
+        with self._deepspeed.zero.GatheredParameters(params, enabled=self._learner_cfg.zero_stage == 3):
+            if self.policy.lora_config is not None:
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            else:
+                state = module.state_dict()
+            return {name: tensor.detach().to("cpu", torch.float32).numpy().copy() for name, tensor in state.items()}
+
+    def write_lora(self, directory, state: dict[str, np.ndarray]) -> None:
+        """Adapter files loadable by ``rayalign eval --lora``, from :meth:`trainable_state`'s output."""
+        from actors.policy import write_lora
+
+        write_lora(directory, state, self.policy.lora_config)

@@ -1,0 +1,49 @@
+"""ShardHub: a small named actor through which learner ranks receive ObjectRefs.
+
+ObjectRefs must travel in-band (as actor-method arguments and return values): refs
+pickled out-of-band through ``torch.distributed`` collectives hang the receiver (see
+ARCHITECTURE.md). Rank 0 ``put``s each rank's shard descriptor (a dict of refs); every
+rank ``get``s its own, waiting until it is there. The hub also carries progress for the
+driver's progress bar, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class ShardHub:
+    def __init__(self) -> None:
+        self._shards: dict[tuple[int, int], Any] = {}
+        self._ready: dict[int, asyncio.Event] = {}
+        self._progress: dict[str, Any] = {}
+        self._summaries: list[dict[str, Any]] = []
+
+    def _event(self, epoch: int) -> asyncio.Event:
+        return self._ready.setdefault(epoch, asyncio.Event())
+
+    async def put(self, epoch: int, shards: list[Any]) -> None:
+        """Publish one descriptor per rank for ``epoch`` (refs stay refs: they are nested)."""
+        for rank, shard in enumerate(shards):
+            self._shards[(epoch, rank)] = shard
+        self._event(epoch).set()
+
+    async def get(self, epoch: int, rank: int) -> Any:
+        """This rank's descriptor for ``epoch``; waits until rank 0 has published it."""
+        await self._event(epoch).wait()
+        shard = self._shards.pop((epoch, rank))
+        if not any(key[0] == epoch for key in self._shards):
+            self._ready.pop(epoch, None)
+        return shard
+
+    async def set_progress(self, progress: dict[str, Any]) -> None:
+        self._progress = dict(progress)
+
+    async def add_summary(self, metrics: dict[str, Any]) -> None:
+        self._summaries.append(metrics)
+
+    async def poll(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Current progress and the epoch summaries not yet polled."""
+        summaries, self._summaries = self._summaries, []
+        return self._progress, summaries

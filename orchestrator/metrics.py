@@ -1,0 +1,69 @@
+"""Per-epoch metrics: ``metrics.jsonl`` (one JSON object per epoch) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+REQUIRED_KEYS = (
+    "epoch", "policy_version", "samples", "reward/mean", "reward/std", "kl/mean", "policy/clipfrac", "policy/approx_kl",
+    "time/rollout_s", "time/reward_s", "time/reference_s", "time/learn_s", "time/sync_s", "time/epoch_s", "throughput/samples_per_s",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "not measured this epoch"
+    return value
+
+
+class MetricsWriter:
+    """Appends epoch metrics; on resume drops lines from epochs after the checkpoint."""
+
+    def __init__(self, output_dir: Path, *, resume_epoch: int | None = None, tensorboard: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if resume_epoch is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        missing = [key for key in REQUIRED_KEYS if key not in metrics]
+        if missing:
+            raise ValueError(f"epoch metrics lack {missing}")
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        if self._tb is not None:
+            step = int(metrics["epoch"])
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "epoch":
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def summary_line(m: dict[str, Any], total_epochs: int) -> str:
+    """The one line printed per epoch."""
+    kl = m.get("kl/mean")
+    kl_text = f"{kl:.2e}" if isinstance(kl, float) and math.isfinite(kl) else "n/a"
+    return (
+        f"epoch {m['epoch']:>3}/{total_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | kl {kl_text} | "
+        f"clipfrac {m['policy/clipfrac']:.3f} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, reward {m['time/reward_s']:.1f}, "
+        f"ref {m['time/reference_s']:.1f}, learn {m['time/learn_s']:.1f}, sync {m['time/sync_s']:.2f}) | {m['throughput/samples_per_s']:.2f} samples/s"
+    )
