@@ -53,7 +53,7 @@ def deepspeed_config(learner, *, train_timesteps: int) -> dict[str, Any]:
 class Learner:
     """The policy under a DeepSpeed engine, plus the loss of the configured algorithm."""
 
-    def __init__(self, *, model, learner, train, seed: int, rank: int, world_size: int):
+    def __init__(self, *, model, learner, train, seed: int, rank: int, world_size: int, log_prob_reduction: str = "mean"):
         select_accelerator()
         import deepspeed
 
@@ -67,6 +67,7 @@ class Learner:
         self.params = AlgorithmParams(clip_range=train.clip_range, beta=train.beta)
         self.uses_reference = needs_reference(train.algorithm)
         self.micro_batch_size = learner.micro_batch_size
+        self.log_prob_reduction = log_prob_reduction
         optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=learner.learning_rate,
@@ -145,7 +146,13 @@ class Learner:
                         negative_prompt_embeds=negative,
                         guidance_scale=shard.guidance_scale,
                         eta=shard.eta,
+                        reduction=self.log_prob_reduction,
                     )
+                    if "policy/onpolicy_gap" not in stats:
+                        # Before this epoch's first update the learner holds the weights that
+                        # sampled the shard (sync mode): a gap here means stale rollout weights.
+                        gap = (out.log_prob.detach() - old_log_probs[r, j]).abs().max()
+                        stats["policy/onpolicy_gap"] = [float(gap)]
                     inputs = LossInputs(
                         log_prob=out.log_prob,
                         old_log_prob=old_log_probs[r, j],

@@ -435,6 +435,11 @@ class TrainConfig:
     """Trajectories sampled per epoch across the rollout pool; must be divisible by
     learner.num_workers * learner.micro_batch_size."""
 
+    samples_per_prompt: int = 1
+    """Images sampled per chosen prompt each epoch (a "group", as in GRPO / Flow-GRPO);
+    must divide samples_per_epoch. With groups, advantages can be normalised within each
+    prompt's group from the very first epoch."""
+
     inner_epochs: int = 1
     """Passes over each epoch's samples (more than 1 reuses samples off-policy, corrected
     by the importance ratio); >= 1."""
@@ -448,8 +453,10 @@ class TrainConfig:
     beta: float = 0.01
     """Weight of the per-step KL to the reference policy (dpok); >= 0."""
 
-    advantage: Literal["per_prompt", "batch"] = "per_prompt"
-    """Reward normalisation: "per_prompt" (running stats per prompt, DDPO) or "batch"."""
+    advantage: Literal["per_prompt", "group", "batch"] = "per_prompt"
+    """Reward normalisation: "per_prompt" (running statistics per prompt across epochs,
+    DDPO), "group" (within each prompt's group of samples_per_prompt images this epoch,
+    GRPO-style) or "batch" (whole-epoch statistics)."""
 
     stat_buffer_size: int = 32
     """Rewards remembered per prompt for per-prompt normalisation; >= 1."""
@@ -476,6 +483,11 @@ class TrainConfig:
         _check_range(self, "epochs", low=1)
         _check_range(self, "samples_per_epoch", low=1)
         _check_range(self, "inner_epochs", low=1)
+        _check_range(self, "samples_per_prompt", low=1)
+        if self.samples_per_epoch % self.samples_per_prompt:
+            raise _FieldError("samples_per_prompt", f"must divide samples_per_epoch ({self.samples_per_epoch}), got {self.samples_per_prompt}")
+        if self.advantage == "group" and self.samples_per_prompt < 2:
+            raise _FieldError("advantage", "'group' needs samples_per_prompt >= 2 (a group of one has no spread)")
         _check_range(self, "timestep_fraction", low=0, high=1, low_open=True)
         _check_positive(self, "clip_range")
         _check_range(self, "beta", low=0)

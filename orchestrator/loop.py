@@ -23,7 +23,7 @@ import ray
 import torch
 
 from orchestrator import checkpoint as ckpt
-from orchestrator.advantages import PerPromptStatTracker, batch_normalize, clip_advantages
+from orchestrator.advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
 from orchestrator.config import Config, dump_yaml, from_dict
 from orchestrator.metrics import MetricsWriter
 from orchestrator.pools import Pools, start_pools
@@ -31,11 +31,17 @@ from orchestrator.pools import Pools, start_pools
 logger = logging.getLogger(__name__)
 
 
-def epoch_prompts(prompts: list[str], *, seed: int, epoch: int, count: int) -> tuple[list[str], list[int]]:
+def epoch_prompts(prompts: list[str], *, seed: int, epoch: int, count: int, per_prompt: int = 1) -> tuple[list[str], list[int]]:
     """The prompts and per-sample seeds of ``epoch``: a pure function of (seed, epoch), so resumed
-    runs see exactly the prompts an uninterrupted run would."""
+    runs see exactly the prompts an uninterrupted run would.
+
+    ``count / per_prompt`` prompts are drawn (without replacement while the list lasts) and
+    each is repeated ``per_prompt`` times in a row, so sample ``i`` belongs to group ``i // per_prompt``.
+    """
     rng = np.random.default_rng([seed, epoch])
-    chosen = [prompts[i] for i in rng.integers(len(prompts), size=count)]
+    groups = count // per_prompt
+    picks = rng.choice(len(prompts), size=groups, replace=groups > len(prompts))
+    chosen = [prompts[i] for i in picks for _ in range(per_prompt)]
     seeds = np.random.SeedSequence([seed, epoch, 1]).generate_state(count, dtype=np.uint32)
     return chosen, [int(s) for s in seeds]
 
@@ -57,6 +63,7 @@ class EpochBatch:
     rewards: np.ndarray  # (samples,)
     advantages: np.ndarray  # (samples,)
     reward_info: dict[str, float]
+    advantage_info: dict[str, float]
     timings: dict[str, float]
 
     def shard(self, rows: range) -> dict[str, Any]:
@@ -109,7 +116,7 @@ class Controller:
     # -------------------------------------------------------------- sample, score, reference
     def collect(self, epoch: int) -> EpochBatch:
         cfg = self.cfg
-        prompts, seeds = epoch_prompts(self.prompts, seed=cfg.seed, epoch=epoch, count=cfg.train.samples_per_epoch)
+        prompts, seeds = epoch_prompts(self.prompts, seed=cfg.seed, epoch=epoch, count=cfg.train.samples_per_epoch, per_prompt=cfg.train.samples_per_prompt)
         size = cfg.sampling.batch_size
         chunks = [(prompts[i : i + size], seeds[i : i + size]) for i in range(0, len(prompts), size)]
         self.progress(epoch=epoch, phase="rollout")
@@ -131,8 +138,14 @@ class Controller:
         reference_s = time.perf_counter() - started - rollout_s - reward_s
 
         rewards = np.concatenate([s for s, _ in scored])  # (samples,)
+        advantage_info: dict[str, float] = {}
         if cfg.train.advantage == "per_prompt":
             advantages = self.tracker.update(prompts, rewards)
+        elif cfg.train.advantage == "group":
+            groups = np.arange(len(prompts)) // cfg.train.samples_per_prompt
+            advantages, zero_spread = group_normalize(rewards, groups.tolist())
+            # Groups whose samples all scored the same teach nothing this epoch.
+            advantage_info["advantages/zero_spread_groups"] = float(zero_spread)
         else:
             advantages = batch_normalize(rewards)
         advantages = clip_advantages(advantages, cfg.train.adv_clip_max)
@@ -146,6 +159,7 @@ class Controller:
             rewards=rewards,
             advantages=advantages.astype(np.float32),
             reward_info=info,
+            advantage_info=advantage_info,
             timings={"time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/reference_s": reference_s},
         )
 
@@ -197,6 +211,7 @@ class Controller:
             # Which prompts this epoch trained on, compactly: equal digests = equal prompt lists.
             "prompts/digest": zlib.crc32("\n".join(batch.prompts).encode("utf-8")),
             **{f"reward/{k}": v for k, v in batch.reward_info.items()},
+            **batch.advantage_info,
             **{k: v for k, v in learn_stats.items() if k not in ("kl/mean", "policy/clipfrac", "policy/approx_kl")},
             **eval_metrics,
         }
@@ -273,7 +288,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(loop_config.get("learner_threads", 1))
     hub = ray.get_actor(loop_config["hub_name"], namespace=loop_config["namespace"])
 
-    learner = Learner(model=cfg.model, learner=cfg.learner, train=cfg.train, seed=cfg.seed, rank=rank, world_size=world_size)
+    learner = Learner(model=cfg.model, learner=cfg.learner, train=cfg.train, seed=cfg.seed, rank=rank, world_size=world_size,
+                      log_prob_reduction=cfg.sampling.log_prob_reduction)
     learner.prepare(cfg.sampling.num_steps)
     state, start_epoch = None, 0
     if loop_config["resume_from"]:

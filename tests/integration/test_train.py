@@ -41,6 +41,8 @@ def test_run_writes_every_output(ray_cluster, tiny_pipeline_dir, tmp_path):
         assert set(REQUIRED_KEYS) <= set(m)
         assert m["samples"] == 8 * m["epoch"] and m["policy_version"] == m["epoch"]
         assert m["kl/mean"] is not None and m["kl/mean"] >= 0  # reference pool present: KL logged
+        # Sync mode is on-policy: the rollout actors sampled with exactly the learner's weights.
+        assert m["policy/onpolicy_gap"] < 1e-4
     assert metrics[1]["kl/mean"] > 0  # measured while training: the policy has left the reference
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml") == tiny_config(tiny_pipeline_dir, **{"train.eval_every": 2, "train.eval_prompts": "toy-heldout"})
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -120,3 +122,30 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(ray_cluster, t
         train(tiny_config(tiny_pipeline_dir, **{"train.epochs": 1}), run, progress=False)
     with pytest.raises(ValueError, match=r"differs from the run's in \['train.clip_range'\]"):
         train(tiny_config(tiny_pipeline_dir, **{"train.epochs": 2, "train.clip_range": 0.3}), run, resume=True, progress=False)
+
+
+def test_dpok_larger_beta_keeps_the_policy_closer_to_the_reference(ray_cluster, tiny_pipeline_dir, tmp_path):
+    # Same seed, same samples in epoch 1; only beta differs. The KL penalty must hold the
+    # policy nearer the frozen reference, so the KL measured while training is lower.
+    common = {"train.algorithm": "dpok", "train.epochs": 3, "learner.learning_rate": 3.0e-2, "train.clip_range": 10.0}
+    small = tiny_config(tiny_pipeline_dir, **common, **{"train.beta": 0.0})
+    large = tiny_config(tiny_pipeline_dir, **common, **{"train.beta": 1000.0})
+    train(small, tmp_path / "small", progress=False)
+    train(large, tmp_path / "large", progress=False)
+    kl_small = [m["kl/mean"] for m in read_metrics(tmp_path / "small")]
+    kl_large = [m["kl/mean"] for m in read_metrics(tmp_path / "large")]
+    assert all(k is not None and k >= 0 for k in kl_small + kl_large)
+    assert kl_large[-1] < kl_small[-1]
+    assert sum(kl_large) < sum(kl_small)
+
+
+def test_group_sampling_repeats_each_prompt_and_normalises_within_groups(ray_cluster, tiny_pipeline_dir, tmp_path):
+    from orchestrator.loop import epoch_prompts
+
+    prompts, seeds = epoch_prompts([f"p{i}" for i in range(10)], seed=1, epoch=2, count=8, per_prompt=4)
+    assert prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4 and prompts[0] != prompts[4]
+    assert len(set(seeds)) == 8
+    run = tmp_path / "group"
+    train(tiny_config(tiny_pipeline_dir, **{"train.samples_per_prompt": 4, "train.advantage": "group", "train.epochs": 1}), run, progress=False)
+    (m,) = read_metrics(run)
+    assert 0 <= m["advantages/zero_spread_groups"] <= 2
