@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from actors import ddim
-from actors.trajectory import Trajectories
+from actors.trajectory import Trajectories, as_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -382,17 +382,21 @@ class DiffusionPolicy:
             reduction=reduction,
         )
 
-    def trajectory_log_probs(self, trajectories: Trajectories, *, batch_size: int | None = None, reduction: ddim.Reduction = "mean") -> np.ndarray:
-        """Recompute every recorded transition's log-prob, in batches of ``batch_size`` samples. (batch, steps)."""
+    def replay(self, trajectories: Trajectories, *, batch_size: int | None = None, reduction: ddim.Reduction = "mean") -> tuple[np.ndarray, np.ndarray]:
+        """Re-score every recorded transition under the current weights, ``batch_size`` samples at a time.
+
+        Returns log-probs (batch, steps) and the Gaussians' means (batch, steps, C, H, W).
+        """
         batch_size = batch_size or trajectories.batch_size
-        steps = trajectories.num_steps
-        result = np.zeros((trajectories.batch_size, steps), dtype=np.float32)
-        negative = torch.from_numpy(trajectories.negative_prompt_embeds)
+        batch, steps = trajectories.batch_size, trajectories.num_steps
+        log_probs = np.zeros((batch, steps), dtype=np.float32)
+        means = np.zeros((batch, steps, *trajectories.latents.shape[2:]), dtype=np.float32)
+        negative = as_tensor(trajectories.negative_prompt_embeds)
         with torch.no_grad():
-            for start in range(0, trajectories.batch_size, batch_size):
+            for start in range(0, batch, batch_size):
                 rows = slice(start, start + batch_size)
-                latents = torch.from_numpy(trajectories.latents[rows])
-                embeds = torch.from_numpy(trajectories.prompt_embeds[rows])
+                latents = as_tensor(trajectories.latents[rows])
+                embeds = as_tensor(trajectories.prompt_embeds[rows])
                 n = latents.shape[0]
                 for j in range(steps):
                     out = self.log_prob(
@@ -406,9 +410,13 @@ class DiffusionPolicy:
                         eta=trajectories.eta,
                         reduction=reduction,
                     )
-                    result[rows, j] = out.log_prob.cpu().numpy()
-        return result
+                    log_probs[rows, j] = out.log_prob.cpu().numpy()
+                    means[rows, j] = out.mean.cpu().numpy()
+        return log_probs, means
 
+    def trajectory_log_probs(self, trajectories: Trajectories, *, batch_size: int | None = None, reduction: ddim.Reduction = "mean") -> np.ndarray:
+        """Recompute every recorded transition's log-prob, in batches of ``batch_size`` samples. (batch, steps)."""
+        return self.replay(trajectories, batch_size=batch_size, reduction=reduction)[0]
 
 def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable: bool = True) -> DiffusionPolicy:
     """Build a policy from a :class:`orchestrator.config.ModelConfig` section.

@@ -4,7 +4,7 @@ Layout under ``<output>/checkpoints/``::
 
     epoch_0004/            complete checkpoint (has COMPLETE)
         COMPLETE
-        state.json         counters, stat tracker, RNG states
+        state.json         counters, stat tracker (RNG streams derive from seed and epoch)
         config.yaml        the effective config
         lora/              adapter (safetensors) loadable by `rayalign eval --lora`
         deepspeed/         DeepSpeed engine + optimizer state (every rank's partition)

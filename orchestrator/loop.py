@@ -225,7 +225,10 @@ class Controller:
             "policy_version": self.policy_version,
             "samples_seen": self.samples_seen,
             "stat_tracker": self.tracker.state_dict(),
-            "rng": {"numpy": np.random.get_state()[1].tolist()[:4], "torch_seed": int(torch.initial_seed())},
+            # No generator state to save: every random stream (prompts, sampling noise,
+            # learner shuffles, dropout) is derived from (seed, epoch, rank), so the epoch
+            # counter restores them all.
+            "rng": {"derived_from": ["seed", "epoch", "rank"], "seed": self.cfg.seed},
         }
 
     def close(self) -> None:
