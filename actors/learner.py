@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference
-from actors.policy import DiffusionPolicy, load_policy
+from actors.policy import DiffusionPolicy, load_policy, unet_lora_state_dict
 from actors.trajectory import Trajectories, as_tensor
 
 logger = logging.getLogger(__name__)
@@ -182,13 +182,7 @@ class Learner:
         module = self.engine.module if self.engine is not None else self.policy.unet
         params = [p for p in module.parameters() if p.requires_grad]
         with self._deepspeed.zero.GatheredParameters(params, enabled=self._learner_cfg.zero_stage == 3):
-            if self.policy.lora_config is not None:
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft.utils import get_peft_model_state_dict
-
-                state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-            else:
-                state = module.state_dict()
+            state = unet_lora_state_dict(module) if self.policy.lora_config is not None else module.state_dict()
             return {name: tensor.detach().to("cpu", torch.float32).numpy().copy() for name, tensor in state.items()}
 
     def write_lora(self, directory, state: dict[str, np.ndarray]) -> None:

@@ -83,6 +83,14 @@ def resolve_lora_dir(path: str | os.PathLike) -> Path:
     raise ValueError(f"{path} is not a LoRA adapter, checkpoint or run directory: no {LORA_CONFIG_NAME} found in it or in {path / 'lora'}")
 
 
+def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """A UNet's LoRA adapter weights in diffusers' key format (what a weight sync ships)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
 def write_lora(directory: str | os.PathLike, state_dict, lora_config) -> Path:
     """Write an adapter directory: diffusers-format safetensors weights + peft's config.
 
@@ -189,12 +197,9 @@ class DiffusionPolicy:
     # ------------------------------------------------------------------ LoRA persistence
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter weights in diffusers' key format (what a weight sync ships)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
         if self.lora_config is None:
             raise ValueError("this policy has no LoRA adapter (finetune: full); save the UNet instead")
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        return unet_lora_state_dict(self.unet)
 
     def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -216,7 +221,6 @@ class DiffusionPolicy:
 
     def load_lora(self, directory: str | os.PathLike) -> None:
         """Attach the adapter saved by :meth:`save_lora` (replacing none: the UNet must have no adapter yet)."""
-        from peft import LoraConfig
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -225,14 +229,9 @@ class DiffusionPolicy:
             if not required.is_file():
                 raise ValueError(f"LoRA directory {str(directory)!r} lacks {required.name}; give a directory written by rayalign (checkpoints/.../lora)")
         raw = json.loads(config_file.read_text())
-        config = LoraConfig(
-            r=raw["r"], lora_alpha=raw["lora_alpha"], target_modules=raw["target_modules"], lora_dropout=raw.get("lora_dropout", 0.0), init_lora_weights="gaussian"
-        )
         if self.lora_config is not None:
             raise ValueError("this policy already has a LoRA adapter; load adapters into a freshly loaded base model")
-        self.unet.add_adapter(config)
-        self._cast_trainable_to_float32()
-        self.lora_config = config
+        self.add_lora(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=raw["target_modules"], dropout=raw.get("lora_dropout", 0.0))
         self.load_lora_state_dict(load_file(weights))
 
     # ------------------------------------------------------------------ text and pixels

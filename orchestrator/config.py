@@ -493,6 +493,12 @@ class TrainConfig:
         _check_range(self, "beta", low=0)
         _check_range(self, "stat_buffer_size", low=1)
         _check_range(self, "stat_min_count", low=1)
+        if self.stat_min_count > self.stat_buffer_size:
+            raise _FieldError(
+                "stat_min_count",
+                f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}: "
+                "a prompt's buffer never holds more than stat_buffer_size rewards",
+            )
         _check_positive(self, "adv_clip_max")
         _check_range(self, "checkpoint_every", low=1)
         _check_range(self, "keep_checkpoints", low=1)

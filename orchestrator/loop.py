@@ -100,7 +100,7 @@ class Controller:
         self.hub = hub
         self.prompts = read_prompts(cfg.train.prompts)
         self.eval_prompts = read_prompts(cfg.train.eval_prompts) if cfg.train.eval_every else []
-        self.tracker = PerPromptStatTracker(buffer_size=cfg.train.stat_buffer_size, min_count=min(cfg.train.stat_min_count, cfg.train.stat_buffer_size))
+        self.tracker = PerPromptStatTracker(buffer_size=cfg.train.stat_buffer_size, min_count=cfg.train.stat_min_count)
         self.samples_seen = 0
         self.policy_version = 0
         if state is not None:
@@ -113,19 +113,22 @@ class Controller:
     def progress(self, **fields) -> None:
         self.hub.set_progress.remote(fields)
 
+    def _sample(self, prompts: list[str], seeds: list[int]) -> tuple[list[list[str]], list[Any], list[Any]]:
+        """Fan prompts out to the rollout pool in sampling batches: (prompt chunks, trajectory refs, image refs)."""
+        size = self.cfg.sampling.batch_size
+        chunks = [(prompts[i : i + size], seeds[i : i + size]) for i in range(0, len(prompts), size)]
+        calls = [self.pools.rollout.next().sample.options(num_returns=2).remote(p, s) for p, s in chunks]
+        return [p for p, _ in chunks], [t for t, _ in calls], [i for _, i in calls]
+
     # -------------------------------------------------------------- sample, score, reference
     def collect(self, epoch: int) -> EpochBatch:
         cfg = self.cfg
         prompts, seeds = epoch_prompts(self.prompts, seed=cfg.seed, epoch=epoch, count=cfg.train.samples_per_epoch, per_prompt=cfg.train.samples_per_prompt)
-        size = cfg.sampling.batch_size
-        chunks = [(prompts[i : i + size], seeds[i : i + size]) for i in range(0, len(prompts), size)]
         self.progress(epoch=epoch, phase="rollout")
         started = time.perf_counter()
-        calls = [self.pools.rollout.next().sample.options(num_returns=2).remote(p, s) for p, s in chunks]
-        trajectory_refs = [t for t, _ in calls]
-        image_refs = [i for _, i in calls]
+        chunks, trajectory_refs, image_refs = self._sample(prompts, seeds)
         # Reward and reference calls are queued at once; Ray starts each as its input is ready.
-        reward_refs = [self.pools.reward.next().score.remote(images, p, index) for index, (images, (p, _)) in enumerate(zip(image_refs, chunks))]
+        reward_refs = [self.pools.reward.next().score.remote(images, p, index) for index, (images, p) in enumerate(zip(image_refs, chunks))]
         reference_refs = [self.pools.reference.next().reference_means.remote(t) for t in trajectory_refs] if self.pools.reference else None
         ray.wait(trajectory_refs, num_returns=len(trajectory_refs), fetch_local=False)
         rollout_s = time.perf_counter() - started
@@ -149,7 +152,7 @@ class Controller:
         else:
             advantages = batch_normalize(rewards)
         advantages = clip_advantages(advantages, cfg.train.adv_clip_max)
-        sizes = [len(p) for p, _ in chunks]
+        sizes = [len(p) for p in chunks]
         info = {key: float(np.average([i[key] for _, i in scored], weights=sizes)) for key in scored[0][1]}
         return EpochBatch(
             trajectory_refs=trajectory_refs,
@@ -184,10 +187,8 @@ class Controller:
         per_prompt = 2
         prompts = [p for p in self.eval_prompts for _ in range(per_prompt)]
         seeds = [int(s) for s in np.random.SeedSequence([self.cfg.seed, 0, 2]).generate_state(len(prompts), dtype=np.uint32)]
-        size = self.cfg.sampling.batch_size
-        calls = [self.pools.rollout.next().sample.options(num_returns=2).remote(prompts[i : i + size], seeds[i : i + size]) for i in range(0, len(prompts), size)]
-        images = [i for _, i in calls]
-        scored = ray.get([self.pools.reward.next().score.remote(img, prompts[k * size : (k + 1) * size], k) for k, img in enumerate(images)])
+        chunks, _, images = self._sample(prompts, seeds)
+        scored = ray.get([self.pools.reward.next().score.remote(img, p, k) for k, (img, p) in enumerate(zip(images, chunks))])
         save_png(make_grid(np.concatenate(ray.get(images)), columns=per_prompt * 3), self.output_dir / "images" / f"epoch_{epoch:04d}.png")
         return {"eval/reward_mean": float(np.concatenate([s for s, _ in scored]).mean())}
 

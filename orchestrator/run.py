@@ -42,7 +42,6 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[Config, Path | None]:
     """The config to run and the checkpoint to resume from; refuses to clobber an existing run."""
-    saved_config = output_dir / "config.yaml"
     if not resume:
         if (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists():
             raise ValueError(f"{output_dir} already holds a run; pass --resume to continue it, or choose a new --output-dir")
@@ -58,8 +57,6 @@ def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[
     changed = [d for d in _differences(to_dict(saved), to_dict(cfg)) if d != "train.epochs"]
     if changed:
         raise ValueError(f"--resume with a config that differs from the run's in {changed}; only train.epochs may change on resume")
-    if not saved_config.exists():
-        logger.warning("%s is missing; using the checkpoint's config", saved_config)
     return cfg, checkpoint
 
 

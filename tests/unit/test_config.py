@@ -428,3 +428,9 @@ def test_every_config_field_has_a_docstring():
                 if not documented:
                     missing.append(f"{node.name}.{ast.unparse(stmt.target)}")
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_stat_min_count_cannot_exceed_the_buffer():
+    # Per-prompt statistics would never be used; say so instead of clamping silently.
+    with pytest.raises(ValueError, match=r"train\.stat_min_count must be <= stat_buffer_size \(8\), got 9"):
+        load_config({"train": {"stat_buffer_size": 8, "stat_min_count": 9}})
