@@ -20,6 +20,7 @@ import torch
 from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference
 from actors.policy import DiffusionPolicy, load_policy, unet_lora_state_dict
 from actors.trajectory import Trajectories, as_tensor
+from orchestrator.config import trained_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,12 @@ def select_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
-def num_train_timesteps(num_steps: int, timestep_fraction: float) -> int:
-    """Denoising steps trained per trajectory (DDPO's timestep_fraction), at least one."""
-    return max(1, int(round(num_steps * timestep_fraction)))
-
-
 def deepspeed_config(learner, *, train_timesteps: int) -> dict[str, Any]:
-    """DeepSpeed config for a learner section: one optimizer step per (accumulation x timesteps) micro-steps."""
+    """DeepSpeed config for a learner section: one optimizer step per (accumulation x passes) micro-steps,
+    where each trajectory's ``train_timesteps`` steps take ``train_timesteps / timesteps_per_pass`` passes."""
     return {
         "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-        "gradient_accumulation_steps": learner.gradient_accumulation_steps * train_timesteps,
+        "gradient_accumulation_steps": learner.gradient_accumulation_steps * (train_timesteps // learner.timesteps_per_pass),
         "gradient_clipping": learner.max_grad_norm,
         "zero_optimization": {"stage": learner.zero_stage},
         # The optimizer is torch's AdamW, given by us: DeepSpeed's own Adam kernels need a CUDA or JIT build.
@@ -85,7 +82,12 @@ class Learner:
         """DeepSpeed's accumulation count depends on the trajectory length, known at the first batch."""
         if self.engine is not None:
             return
-        train_timesteps = num_train_timesteps(num_steps, self.train_cfg.timestep_fraction)
+        train_timesteps = trained_timesteps(num_steps, self.train_cfg.timestep_fraction)
+        if train_timesteps % self._learner_cfg.timesteps_per_pass:
+            raise ValueError(
+                f"learner.timesteps_per_pass ({self._learner_cfg.timesteps_per_pass}) must divide the "
+                f"{train_timesteps} denoising steps trained per trajectory"
+            )
         self._timesteps_per_trajectory = train_timesteps
         config = deepspeed_config(self._learner_cfg, train_timesteps=train_timesteps)
         config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * self.world_size
@@ -132,11 +134,14 @@ class Learner:
             order = rng.permutation(batch)
             # DDPO shuffles the denoising steps of each trajectory independently.
             step_order = np.stack([rng.permutation(steps)[:train_timesteps] for _ in range(batch)])  # (batch, train_timesteps)
+            per_pass = self._learner_cfg.timesteps_per_pass
             for start in range(0, batch, self.micro_batch_size):
                 rows = order[start : start + self.micro_batch_size]
-                for k in range(train_timesteps):
-                    j = as_tensor(step_order[rows, k])  # (micro,) step index per trajectory
-                    r = as_tensor(rows)
+                for first in range(0, train_timesteps, per_pass):
+                    # One pass: every row of the micro-batch at `per_pass` of its own steps,
+                    # stacked row-major into micro * per_pass transitions.
+                    j = as_tensor(step_order[rows, first : first + per_pass].reshape(-1))  # (micro * per_pass,)
+                    r = as_tensor(np.repeat(rows, per_pass))  # (micro * per_pass,)
                     out = self.policy.log_prob(
                         latents=latents[r, j],
                         next_latents=latents[r, j + 1],

@@ -383,6 +383,14 @@ class LearnerConfig:
     """Micro-batches per worker whose gradients add up to one optimizer step (before the
     per-timestep accumulation DDPO adds on top); >= 1."""
 
+    timesteps_per_pass: int = 1
+    """Denoising steps of each trajectory stacked into one forward/backward pass; >= 1.
+    1 keeps activation memory at one UNet pass of ``micro_batch_size`` rows (what large
+    models need); N runs ``micro_batch_size * N`` transitions per pass and cuts the number
+    of passes N-fold, which pays on small models and CPUs where per-pass overhead
+    dominates. The optimizer step is the same either way. Must divide the trained steps
+    per trajectory, round(sampling.num_steps * train.timestep_fraction)."""
+
     learning_rate: float = 3e-4
     """AdamW learning rate (DDPO uses 3e-4 for LoRA); > 0."""
 
@@ -408,6 +416,7 @@ class LearnerConfig:
         _check_range(self, "zero_stage", low=0, high=3)
         _check_range(self, "micro_batch_size", low=1)
         _check_range(self, "gradient_accumulation_steps", low=1)
+        _check_range(self, "timesteps_per_pass", low=1)
         _check_positive(self, "learning_rate")
         _check_range(self, "weight_decay", low=0)
         _check_range(self, "adam_beta1", low=0, high=1, high_open=True)
@@ -555,6 +564,19 @@ class Config:
                 f"(train.samples_per_epoch / (num_workers * micro_batch_size)), got "
                 f"{self.learner.gradient_accumulation_steps}",
             )
+        trained = trained_timesteps(self.sampling.num_steps, self.train.timestep_fraction)
+        if trained % self.learner.timesteps_per_pass:
+            raise _FieldError(
+                "learner.timesteps_per_pass",
+                f"must divide the {trained} denoising steps trained per trajectory "
+                f"(round(sampling.num_steps * train.timestep_fraction) = round({self.sampling.num_steps} * "
+                f"{self.train.timestep_fraction})), got {self.learner.timesteps_per_pass}",
+            )
+
+
+def trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
+    """Denoising steps trained per trajectory (DDPO's timestep_fraction), at least one."""
+    return max(1, int(round(num_steps * timestep_fraction)))
 
 
 # --------------------------------------------------------------------------- YAML

@@ -79,16 +79,20 @@ def test_resume_equals_an_uninterrupted_run(ray_cluster, tiny_pipeline_dir, tmp_
 
 def test_two_learners_take_the_same_step_as_one(ray_cluster, tiny_pipeline_dir, tmp_path):
     # One optimizer step over the whole epoch (global batch 8 = workers x micro x accumulation),
-    # all timesteps trained: sharding and gradient averaging must not change the update.
+    # all timesteps trained: sharding and gradient averaging must not change the update, and
+    # neither must stacking all 3 denoising steps of a trajectory into one pass.
     common = {"train.epochs": 1, "train.timestep_fraction": 1.0, "learner.micro_batch_size": 2, "learner.zero_stage": 2}
     one = tiny_config(tiny_pipeline_dir, **common, **{"learner.num_workers": 1, "learner.gradient_accumulation_steps": 4})
     two = tiny_config(tiny_pipeline_dir, **common, **{"learner.num_workers": 2, "learner.gradient_accumulation_steps": 2})
+    stacked = tiny_config(tiny_pipeline_dir, **common, **{"learner.num_workers": 2, "learner.gradient_accumulation_steps": 2, "learner.timesteps_per_pass": 3})
     train(one, tmp_path / "one", progress=False)
     train(two, tmp_path / "two", progress=False)
-    w1, w2 = final_lora(tmp_path / "one"), final_lora(tmp_path / "two")
+    train(stacked, tmp_path / "stacked", progress=False)
+    w1, w2, w3 = final_lora(tmp_path / "one"), final_lora(tmp_path / "two"), final_lora(tmp_path / "stacked")
     moved = 0.0
     for name in w1:
         np.testing.assert_allclose(w1[name], w2[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(w1[name], w3[name], rtol=1e-4, atol=1e-6, err_msg=name)
         moved = max(moved, float(np.abs(w1[name]).max()))
     assert moved > 0
 
