@@ -158,17 +158,20 @@ def _add_make_toy_model(subparsers) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--vae-steps", type=int, help="autoencoder steps (default 1000)")
     p.add_argument("--unet-steps", type=int, help="denoiser steps (default 800)")
+    p.add_argument("--unet-lr-horizon", type=int, help="length of the denoiser's cosine LR schedule; 0 = --unet-steps (default 0)")
     p.add_argument("--images-per-prompt", type=int, help="renders per training caption (default 80)")
     p.set_defaults(run=run_make_toy_model)
 
 
-_PRETRAIN_FLAGS = ("seed", "vae_steps", "unet_steps", "images_per_prompt")
+_PRETRAIN_FLAGS = ("seed", "vae_steps", "unet_steps", "unet_lr_horizon", "images_per_prompt")
 
 
 def run_make_toy_model(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in _PRETRAIN_FLAGS if getattr(args, name) is not None}
     for name, value in given.items():
-        if name != "seed" and value < 1:
+        if name == "unet_lr_horizon" and value < 0:
+            raise ValueError(f"--unet-lr-horizon must be >= 0 (0 means --unet-steps), got {value}")
+        if name not in ("seed", "unet_lr_horizon") and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     from actors.toy_pretrain import PretrainArgs, pretrain
 

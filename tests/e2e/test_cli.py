@@ -76,14 +76,14 @@ def test_unknown_reward_lists_the_valid_names(tiny_pipeline_dir, tmp_path):
 
 def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
     out = tmp_path / "toy"
-    result = rayalign("make-toy-model", "--output", out, "--vae-steps", 3, "--unet-steps", 3, "--images-per-prompt", 1)
+    result = rayalign("make-toy-model", "--output", out, "--vae-steps", 3, "--unet-steps", 3, "--unet-lr-horizon", 10, "--images-per-prompt", 1)
     assert result.returncode == 0, result.stderr
     assert "wrote toy pipeline" in result.stdout
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     report = json.loads((out / "pretrain_report.json").read_text())
-    assert report["unet_steps"] == 3 and report["time/total_s"] > 0
+    assert report["unet_steps"] == 3 and report["unet_lr_horizon"] == 10 and report["time/total_s"] > 0
 
     from diffusers import StableDiffusionPipeline
 
@@ -92,6 +92,8 @@ def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
     # Refuses to overwrite what is already there.
     again = rayalign("make-toy-model", "--output", out, "--vae-steps", 1, "--unet-steps", 1)
     assert again.returncode == 2 and "is not empty" in again.stderr
+    negative = rayalign("make-toy-model", "--output", tmp_path / "other", "--unet-lr-horizon", -5)
+    assert negative.returncode == 2 and "--unet-lr-horizon must be >= 0" in negative.stderr
 
 
 def test_make_toy_model_help_quotes_the_real_defaults():
@@ -103,5 +105,5 @@ def test_make_toy_model_help_quotes_the_real_defaults():
     defaults = PretrainArgs(output="x")
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     helps = {a.dest: a.help for a in subparsers.choices["make-toy-model"]._actions}
-    for name in ("seed", "vae_steps", "unet_steps", "images_per_prompt"):
+    for name in ("seed", "vae_steps", "unet_steps", "unet_lr_horizon", "images_per_prompt"):
         assert f"(default {getattr(defaults, name)})" in helps[name], name
