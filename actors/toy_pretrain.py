@@ -54,8 +54,8 @@ class PretrainArgs:
     """Length of the denoiser's cosine learning-rate schedule; 0 means ``unet_steps``.
 
     A horizon longer than ``unet_steps`` stops training part-way down the schedule, at a
-    learning rate that is still high: the model is caught mid-way through learning, which
-    is how the shipped model keeps headroom for RL.
+    learning rate that is still high: the model is caught mid-way through learning, with
+    its attributes partly learned, which leaves headroom for RL.
     """
     unet_batch_size: int = 128
     unet_lr: float = 1e-3

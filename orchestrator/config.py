@@ -381,7 +381,7 @@ class LearnerConfig:
 
     gradient_accumulation_steps: int = 1
     """Micro-batches per worker whose gradients add up to one optimizer step (before the
-    per-timestep accumulation DDPO adds on top); >= 1."""
+    accumulation over each trajectory's passes, see ``timesteps_per_pass``, on top); >= 1."""
 
     timesteps_per_pass: int = 1
     """Denoising steps of each trajectory stacked into one forward/backward pass; >= 1.
