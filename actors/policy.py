@@ -83,6 +83,36 @@ def resolve_lora_dir(path: str | os.PathLike) -> Path:
     raise ValueError(f"{path} is not a LoRA adapter, checkpoint or run directory: no {LORA_CONFIG_NAME} found in it or in {path / 'lora'}")
 
 
+def read_lora(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter directory's peft config (as saved) and its weights, read and checked.
+
+    Raises ``ValueError`` naming the directory and what is wrong with it: a missing file,
+    a config that is not JSON or lacks ``r``/``lora_alpha``/``target_modules``, or weights
+    that are not a readable safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights, config_file = directory / LORA_WEIGHTS_NAME, directory / LORA_CONFIG_NAME
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise ValueError(f"LoRA directory {str(directory)!r} lacks {required.name}; give a directory written by rayalign (checkpoints/.../lora)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not a readable JSON adapter config: {error}") from None
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if not isinstance(raw, dict) or key not in raw]
+    if missing:
+        raise ValueError(f"{config_file} lacks {', '.join(missing)}; it is not a peft LoRA config written by rayalign")
+    try:
+        state_dict = load_file(weights)
+    except Exception as error:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"{weights} is not a readable safetensors file ({type(error).__name__}: {error})") from None
+    if not state_dict:
+        raise ValueError(f"{weights} holds no tensors")
+    return raw, state_dict
+
+
 def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """A UNet's LoRA adapter weights in diffusers' key format (what a weight sync ships)."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -201,17 +231,24 @@ class DiffusionPolicy:
             raise ValueError("this policy has no LoRA adapter (finetune: full); save the UNet instead")
         return unet_lora_state_dict(self.unet)
 
-    def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor], *, adapter_name: str = "default") -> None:
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        if self.lora_config is None:
+        if self.lora_config is None and adapter_name == "default":
             raise ValueError("this policy has no LoRA adapter to load weights into")
         peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items()})
-        result = set_peft_model_state_dict(self.unet, peft_state)
+        try:
+            result = set_peft_model_state_dict(self.unet, peft_state, adapter_name=adapter_name)
+        except RuntimeError as error:  # torch's size-mismatch report
+            raise ValueError(f"LoRA weights do not fit this model's adapter: {str(error).splitlines()[0]} ...") from None
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
             raise ValueError(f"LoRA weights do not match this model's adapter: unexpected keys {unexpected[:5]}")
+        # A tensor the weights lack would silently keep its random initialisation.
+        missing = [key for key in getattr(result, "missing_keys", None) or [] if "lora_" in key and f".{adapter_name}." in key]
+        if missing:
+            raise ValueError(f"LoRA weights lack {len(missing)} of this model's adapter tensors, e.g. {missing[0]}")
 
     def save_lora(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` and diffusers-format safetensors weights."""
@@ -221,18 +258,11 @@ class DiffusionPolicy:
 
     def load_lora(self, directory: str | os.PathLike) -> None:
         """Attach the adapter saved by :meth:`save_lora` (replacing none: the UNet must have no adapter yet)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        weights, config_file = directory / LORA_WEIGHTS_NAME, directory / LORA_CONFIG_NAME
-        for required in (weights, config_file):
-            if not required.is_file():
-                raise ValueError(f"LoRA directory {str(directory)!r} lacks {required.name}; give a directory written by rayalign (checkpoints/.../lora)")
-        raw = json.loads(config_file.read_text())
+        raw, state_dict = read_lora(directory)
         if self.lora_config is not None:
             raise ValueError("this policy already has a LoRA adapter; load adapters into a freshly loaded base model")
         self.add_lora(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=raw["target_modules"], dropout=raw.get("lora_dropout", 0.0))
-        self.load_lora_state_dict(load_file(weights))
+        self.load_lora_state_dict(state_dict)
 
     # ------------------------------------------------------------------ text and pixels
     @torch.no_grad()

@@ -56,6 +56,10 @@ __all__ = [
     "RewardComponent",
     "RewardConfig",
     "SamplingConfig",
+    "ServeBatchingConfig",
+    "ServeConfig",
+    "ServeLimitsConfig",
+    "ServeScalingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_to_yaml",
@@ -577,6 +581,175 @@ class Config:
 def trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
     """Denoising steps trained per trajectory (DDPO's timestep_fraction), at least one."""
     return max(1, int(round(num_steps * timestep_fraction)))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class ServeLimitsConfig:
+    """What one image request may ask for; a request outside these limits gets HTTP 400
+    naming the field, never a 500."""
+
+    max_prompt_chars: int = 1000
+    """Longest accepted prompt, in characters; >= 1. The text encoder still reads only
+    its first ``tokenizer.model_max_length`` tokens, as every Stable Diffusion pipeline does."""
+
+    max_n: int = 4
+    """Most images one request may ask for (the OpenAI ``n``); >= 1. A request's images
+    are generated together, in the same batch and with the same weights."""
+
+    default_steps: int = 20
+    """DDIM steps when a request gives no ``num_inference_steps``; in [1, max_steps]."""
+
+    max_steps: int = 50
+    """Most DDIM steps a request may ask for; in [1, 1000]. Latency grows linearly with steps."""
+
+    default_guidance_scale: float = 4.5
+    """Classifier-free guidance weight when a request gives no ``guidance_scale``; in
+    [1, max_guidance_scale]. 1 turns guidance off."""
+
+    max_guidance_scale: float = 20.0
+    """Largest accepted ``guidance_scale``; >= 1 (the smallest is always 1, guidance off)."""
+
+    max_body_bytes: int = 65536
+    """Largest accepted request body in bytes; >= 1024. Larger bodies get HTTP 413."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "max_prompt_chars", low=1)
+        _check_range(self, "max_n", low=1)
+        _check_range(self, "max_steps", low=1, high=1000)
+        _check_range(self, "default_steps", low=1, high=self.max_steps, why="must not exceed max_steps")
+        _check_range(self, "max_guidance_scale", low=1.0)
+        _check_range(self, "default_guidance_scale", low=1.0, high=self.max_guidance_scale, why="must lie in [1, max_guidance_scale]")
+        _check_range(self, "max_body_bytes", low=1024)
+
+
+@dataclass(frozen=True)
+class ServeBatchingConfig:
+    """Dynamic batching of concurrent requests on each replica (Ray Serve's ``@serve.batch``)."""
+
+    max_batch_size: int = 16
+    """Most images generated in one denoising batch; >= 1. A request asking for more
+    than this many images runs alone, in several batches."""
+
+    batch_wait_timeout_s: float = 0.05
+    """Longest time the first request of a batch waits for others to join it; >= 0."""
+
+    pad_to_max_batch_size: bool = True
+    """Run every batch at exactly ``max_batch_size`` images, filling the rest with
+    throw-away samples. CPU and GPU math libraries pick kernels by batch size, which
+    changes the last bits of an image with the number of images beside it; a fixed batch
+    shape makes an image's PNG bytes a function of its prompt, seed and settings only.
+    false: smaller batches run at their own size (lower latency at low load, but an
+    image may differ in a few pixel values by one level depending on its batch)."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "max_batch_size", low=1)
+        _check_range(self, "batch_wait_timeout_s", low=0)
+
+
+@dataclass(frozen=True)
+class ServeScalingConfig:
+    """How many replicas serve, and what each reserves. Resources are Ray logical resources."""
+
+    num_replicas: int = 1
+    """Fixed number of replicas, each holding a copy of the model; >= 1. Ignored when
+    ``autoscale`` is true."""
+
+    autoscale: bool = False
+    """Let Ray Serve add and remove replicas between ``min_replicas`` and ``max_replicas``
+    to keep about ``target_ongoing_requests`` requests on each."""
+
+    min_replicas: int = 1
+    """Fewest replicas when autoscaling; >= 0 (0 scales to zero when idle: the first
+    request then waits for a model to load)."""
+
+    max_replicas: int = 2
+    """Most replicas when autoscaling; >= max(1, min_replicas)."""
+
+    target_ongoing_requests: float = 16.0
+    """Requests per replica the autoscaler aims for; > 0. About one full batch keeps
+    batches full without queueing much."""
+
+    max_ongoing_requests: int = 64
+    """Requests one replica accepts at once (more wait in Ray Serve's queue); >= 1 and at
+    least batching.max_batch_size, or batches could never fill."""
+
+    num_cpus_per_replica: float = 1.0
+    """Logical CPUs each replica reserves; >= 0. Also sets its torch threads (at least 1)."""
+
+    num_gpus_per_replica: float = 0.0
+    """GPUs each replica reserves; >= 0 (fractions pack several replicas on one GPU)."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "num_replicas", low=1)
+        _check_range(self, "min_replicas", low=0)
+        _check_range(self, "max_replicas", low=max(1, self.min_replicas), why="must be >= max(1, min_replicas)")
+        _check_positive(self, "target_ongoing_requests")
+        _check_range(self, "max_ongoing_requests", low=1)
+        _check_range(self, "num_cpus_per_replica", low=0)
+        _check_range(self, "num_gpus_per_replica", low=0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The image server (``rayalign serve``, or ``jobs.serve:app`` in a Ray Serve config).
+
+    The API key is not part of it: replicas read ``RAYALIGN_API_KEY`` from their
+    environment, so it never appears in a config file or in Ray Serve's status.
+    """
+
+    model: str | None = None
+    """Local diffusers pipeline directory in Stable Diffusion 1.5 format; null = the
+    embedded toy model."""
+
+    lora: str | None = None
+    """LoRA to serve at start: a training run directory (its latest complete
+    checkpoint), a checkpoint directory or an adapter directory; null = the base model.
+    A new one is hot-swapped through the deployment's user_config ``{lora: PATH}``."""
+
+    model_name: str | None = None
+    """Id of the base model in ``/v1/models`` and requests' ``model``; null = the model
+    directory's name (``toy-t2i`` for the embedded model). The adapter is
+    ``<model_name>+lora``."""
+
+    device: str = "auto"
+    """Where replicas put the model: "auto" (cuda if available, else cpu), "cpu", "cuda"
+    or "cuda:N"."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the weights; float32 on CPU."""
+
+    eta: float = 1.0
+    """DDIM eta of the sampler; in (0, 1]. The default 1 is the sampler the policy was
+    trained and evaluated with, so served images follow the distribution whose reward
+    training measured. It is reproducible all the same: every sample's initial and
+    per-step noise is drawn from its own seed."""
+
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
+    """What a request may ask for."""
+
+    batching: ServeBatchingConfig = field(default_factory=ServeBatchingConfig)
+    """Dynamic batching on each replica."""
+
+    scaling: ServeScalingConfig = field(default_factory=ServeScalingConfig)
+    """Replicas, autoscaling bounds and per-replica resources."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "lora", "model_name"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or value != value.strip()):
+                raise _FieldError(name, f"must be null or a non-empty string without surrounding spaces, got {value!r}")
+        if not _DEVICE_PATTERN.fullmatch(self.device):
+            raise _FieldError("device", f"must be one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a GPU index), got {self.device!r}")
+        _check_range(self, "eta", low=0, high=1, low_open=True, why="the sampler draws per-step noise with eta > 0; 1 is the training sampler")
+        if self.scaling.max_ongoing_requests < self.batching.max_batch_size:
+            raise _FieldError(
+                "scaling.max_ongoing_requests",
+                f"must be >= batching.max_batch_size ({self.batching.max_batch_size}), got {self.scaling.max_ongoing_requests}: "
+                "a replica that accepts fewer requests than a batch holds never fills a batch",
+            )
 
 
 # --------------------------------------------------------------------------- YAML
