@@ -94,6 +94,9 @@ class ImageGenerator:
         self._adapter: AdapterInfo | None = None
         self._adapter_name: str | None = None
         self._swaps = 0
+        self.stats = {"batches": 0, "images": 0, "padding": 0, "largest_batch": 0}
+        """Counters since start: denoising batches run, images returned, throw-away padding
+        samples, and the most real images one batch held."""
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "float32", eta: float = 1.0, batch_size: int = 16, pad_batches: bool = True) -> "ImageGenerator":
@@ -145,6 +148,10 @@ class ImageGenerator:
             prompts = prompts + [prompts[-1]] * (self.batch_size - real)
             seeds = seeds + [seeds[-1]] * (self.batch_size - real)
         _, images = self.policy.sample(prompts, seeds=seeds, num_steps=num_steps, eta=self.eta, guidance_scale=guidance_scale)
+        self.stats["batches"] += 1
+        self.stats["images"] += real
+        self.stats["padding"] += len(prompts) - real
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], real)
         return images[:real]
 
     # ------------------------------------------------------------------ adapters
@@ -194,7 +201,10 @@ class ImageGenerator:
 
     def _drop_adapter(self, name: str, *, restore: str | None) -> None:
         unet = self.policy.unet
-        if name in getattr(unet, "peft_config", {}):
-            unet.delete_adapters(name)
+        with warnings.catch_warnings():
+            # peft warns that the active adapter was deleted; the old one is re-activated right below.
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            if name in getattr(unet, "peft_config", {}):
+                unet.delete_adapters(name)
         if restore is not None:
             unet.set_adapter(restore)

@@ -181,6 +181,233 @@ def run_make_toy_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server_flags(p) -> None:
+    """Flags that build a :class:`~orchestrator.config.ServeConfig` (shared by serve and bench serve)."""
+    p.add_argument("--config", help="a YAML ServeConfig (limits, batching, scaling, ...); flags below override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a ServeConfig field, e.g. --set limits.max_n=8 (repeatable)")
+    p.add_argument("--model", help="local SD-1.5-format pipeline directory (default: the embedded toy model)")
+    p.add_argument("--lora", help="LoRA to serve: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
+    p.add_argument("--replicas", type=int, help="number of replicas, each with a copy of the model (default 1)")
+    p.add_argument("--max-batch-size", type=int, help="most images per denoising batch (default 16)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default: max(8, cores))")
+
+
+def _serve_config(args: argparse.Namespace):
+    """The ServeConfig from --config, --set and the flags; errors name the dotted field."""
+    from orchestrator.config import ServeConfig, from_dict, load_config, to_dict
+
+    data = to_dict(load_config(args.config, args.overrides, cls=ServeConfig))
+    if args.model is not None:
+        data["model"] = args.model
+    if args.lora is not None:
+        data["lora"] = args.lora
+    if args.replicas is not None:
+        data["scaling"]["num_replicas"] = args.replicas
+    if args.max_batch_size is not None:
+        data["batching"]["max_batch_size"] = args.max_batch_size
+    return from_dict(ServeConfig, data)
+
+
+def _check_serve_inputs(cfg) -> str | None:
+    """Fail before Ray starts on a bad model or adapter; returns the adapter directory to serve."""
+    from actors.policy import check_pipeline_dir, read_lora, resolve_lora_dir
+
+    if cfg.model is not None:
+        check_pipeline_dir(cfg.model)
+    if cfg.lora is None:
+        return None
+    lora = resolve_lora_dir(cfg.lora)
+    read_lora(lora)
+    return str(lora.resolve())
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or --host") from None
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model (and a LoRA) over HTTP: OpenAI-compatible images API and a web page")
+    _add_server_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $RAYALIGN_API_KEY; unset = no key)")
+    p.add_argument("--allow-unauthenticated", action="store_true", help="listen on a non-loopback --host without an API key")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="every SECONDS, look for a newer checkpoint under --lora and hot-swap it in (0 = off)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from jobs.serve_api import API_KEY_ENV
+
+    cfg = _serve_config(args)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if not loopback and not api_key and not args.allow_unauthenticated:
+        raise ValueError(f"--host {args.host} makes the server reachable from other machines; set --api-key (or ${API_KEY_ENV}), "
+                         "or pass --allow-unauthenticated to serve without one")
+    if args.watch < 0:
+        raise ValueError(f"--watch must be >= 0 seconds, got {args.watch}")
+    if args.watch and cfg.lora is None:
+        raise ValueError("--watch needs --lora (a training run directory whose new checkpoints to serve)")
+    _check_port(args.host, args.port)
+    _quiet_library_progress()
+    lora = _check_serve_inputs(cfg)
+
+    import ray
+    from ray import serve
+
+    from actors.image_generator import adapter_version
+    from jobs.serve import deploy, model_id
+    from orchestrator.run import connect
+
+    connect(args.address, args.num_cpus)
+    url = f"http://{args.host}:{args.port}"
+    try:
+        print(f"starting {cfg.scaling.num_replicas if not cfg.scaling.autoscale else 'autoscaled'} replica(s) of {model_id(cfg)}"
+              f"{f' + LoRA {adapter_version(lora)}' if lora else ''} ...", flush=True)
+        deploy(cfg, host=args.host, port=args.port, lora=lora, api_key=api_key, on_wait=lambda line: print(line, flush=True))
+        print(f"serving at {url}  (web page: {url}/, API: POST {url}/v1/images/generations"
+              f"{', API key required' if api_key else ''}); Ctrl-C to stop", flush=True)
+        _serve_until_interrupted(cfg, args, lora=lora, api_key=api_key, url=url)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down ...", file=sys.stderr, flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _serve_until_interrupted(cfg, args: argparse.Namespace, *, lora: str | None, api_key: str | None, url: str) -> None:
+    """Block until Ctrl-C or SIGTERM; with --watch, hot-swap each newer checkpoint of --lora."""
+    import signal
+    import time
+
+    from actors.image_generator import adapter_version
+    from actors.policy import resolve_lora_dir
+    from jobs.serve import deploy
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    served = adapter_version(lora) if lora else None
+    next_look = time.monotonic() + args.watch
+    while True:
+        time.sleep(0.5)
+        if not args.watch or time.monotonic() < next_look:
+            continue
+        next_look = time.monotonic() + args.watch
+        try:
+            candidate = str(resolve_lora_dir(cfg.lora).resolve())
+            version = adapter_version(candidate)
+        except (ValueError, OSError) as error:
+            logger.warning("--watch: cannot read %s (%s); still serving %s", cfg.lora, error, served)
+            continue
+        if version == served:
+            continue
+        print(f"new checkpoint {candidate} (version {version}); hot-swapping ...", flush=True)
+        deploy(cfg, host=args.host, port=args.port, lora=candidate, api_key=api_key)
+        served = version
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    s = kinds.add_parser("serve", help="load the image server over loopback: latency percentiles, images/s, errors")
+    _add_server_flags(s)
+    s.add_argument("--concurrency", type=int, default=16, help="clients sending requests at once (default 16)")
+    s.add_argument("--requests", type=int, default=200, help="requests per run, after the warm-up (default 200)")
+    s.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default 20)")
+    s.add_argument("--n", type=int, default=1, help="images per request (default 1)")
+    s.add_argument("--url", help="load this running server (loopback only) instead of starting one")
+    s.add_argument("--api-key", help="API key of --url (default: $RAYALIGN_API_KEY)")
+    s.add_argument("--output", help="also write the results as JSON to this file")
+    s.set_defaults(run=run_bench_serve)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from jobs.bench import check_loopback, format_table, run_load
+    from jobs.serve_api import API_KEY_ENV
+
+    for name in ("concurrency", "requests", "steps", "n"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() != ".json":
+        raise ValueError(f"--output {args.output!r} must end in .json")
+
+    def measure(url: str, name: str, api_key: str | None) -> dict:
+        warmup = min(args.concurrency, args.requests)
+        run_load(url, concurrency=args.concurrency, requests=warmup, num_steps=args.steps, n=args.n, api_key=api_key)
+        print(f"[{name}] {args.requests} requests from {args.concurrency} clients ...", flush=True)
+        return run_load(url, concurrency=args.concurrency, requests=args.requests, num_steps=args.steps, n=args.n, api_key=api_key)
+
+    if args.url:
+        check_loopback(args.url)
+        results = {"server": measure(args.url, "server", args.api_key or os.environ.get(API_KEY_ENV))}
+    else:
+        results = _bench_own_servers(args, measure)
+    print(format_table(results))
+    if len(results) == 2:
+        batched, single = results.values()
+        if single["images_per_s"] > 0:
+            print(f"batching speed-up: {batched['images_per_s'] / single['images_per_s']:.2f}x images/s")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        report = {"concurrency": args.concurrency, "requests": args.requests, "steps": args.steps, "n": args.n, "runs": results}
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {output}")
+    return 0
+
+
+def _bench_own_servers(args: argparse.Namespace, measure) -> dict:
+    """Start the server twice on a free loopback port, with batching and with max_batch_size=1."""
+    import dataclasses
+    import socket
+
+    cfg = _serve_config(args)
+    _quiet_library_progress()
+    lora = _check_serve_inputs(cfg)
+
+    import ray
+    from ray import serve
+
+    from jobs.serve import APP_NAME, deploy
+    from orchestrator.run import connect
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    connect(args.address, args.num_cpus)
+    results = {}
+    try:
+        for batch_size in dict.fromkeys((cfg.batching.max_batch_size, 1)):
+            run_cfg = dataclasses.replace(cfg, batching=dataclasses.replace(cfg.batching, max_batch_size=batch_size))
+            name = f"max_batch_size={batch_size}"
+            print(f"[{name}] starting the server ...", flush=True)
+            deploy(run_cfg, host="127.0.0.1", port=port, lora=lora, on_wait=lambda line: print(line, flush=True))
+            results[name] = measure(f"http://127.0.0.1:{port}", name, None)
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayalign", description="Align text-to-image diffusion models with RL on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -188,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_make_toy_model(subparsers)
+    _add_serve(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

@@ -178,6 +178,7 @@ class ImageServer:
             "adapter_version": adapter.version if adapter else None,
             "adapter_error": self.adapter_error,
             "auth": self.api_key is not None,
+            "stats": dict(self.generator.stats),
         })
 
     @api.get("/v1/models")
