@@ -260,16 +260,21 @@ def build_app(config: ServeConfig):
     return ImageServer.options(**deployment_options(config)).bind(to_dict(config))
 
 
-def app(args: dict[str, Any]):
-    """Application builder for ``serve run jobs.serve:app KEY=VALUE ...`` and Serve config files.
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """A :class:`~orchestrator.config.ServeConfig` from application ``args``.
 
-    ``args`` is a :class:`~orchestrator.config.ServeConfig` as a mapping; string values
-    are read as YAML and dotted keys reach nested fields, so ``serve run jobs.serve:app
-    lora=runs/r1 batching.max_batch_size=8`` works.
+    Nested mappings (a Serve config file) are taken as they are; string values, which is
+    all ``serve run`` passes, are read as YAML and their dotted keys reach nested fields,
+    so ``serve run jobs.serve:app lora=runs/r1 batching.max_batch_size=8`` works.
     """
     plain = {key: value for key, value in args.items() if not isinstance(value, str)}
     overrides = [f"{key}={value}" for key, value in args.items() if isinstance(value, str)]
-    return build_app(load_config(plain, overrides, cls=ServeConfig))
+    return load_config(plain, overrides, cls=ServeConfig)
+
+
+def app(args: dict[str, Any]):
+    """Application builder for ``serve run jobs.serve:app KEY=VALUE ...`` and Serve config files."""
+    return build_app(config_from_args(args))
 
 
 # --------------------------------------------------------------------------- deploying

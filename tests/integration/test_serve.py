@@ -8,6 +8,8 @@ import base64
 import io
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +108,39 @@ def test_concurrent_requests_share_batches_without_changing_images(server):
     images, batches = stats["images"] - stats_before["images"], stats["batches"] - stats_before["batches"]
     assert images == 8 and batches < 8 and stats["largest_batch"] > 1  # requests were batched together
     assert responses[-1]["data"][0]["b64_json"] == alone  # and batching did not change the image
+
+
+def test_openai_python_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    result = client.images.generate(prompt="an orange square in the center", n=2, size="32x32", response_format="b64_json",
+                                    extra_body={"seed": 5, "num_inference_steps": 3})
+    assert len(result.data) == 2 and png_array(result.data[0].model_dump()).shape == (32, 32, 3)
+    assert result.data[0].b64_json == server.generate(prompt="an orange square in the center", seed=5)["data"][0]["b64_json"]
+    assert [m.id for m in client.models.list()] == ["pipeline"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="an orange square", size="1024x1024")
+    assert caught.value.body["param"] == "size"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="an orange square")
+
+
+def test_bench_command_drives_the_server(server, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", server.url, "--api-key", KEY, "--concurrency", "4", "--requests", "8",
+         "--steps", "2", "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    run = json.loads(out.read_text())["runs"]["server"]
+    assert run["requests"] == 8 and run["ok"] == 8 and run["errors_5xx"] == 0 and run["images"] == 8
+    assert 0 < run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"] and run["images_per_s"] > 0
+    assert "images/s" in result.stdout and "server" in result.stdout
+    refused = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", "http://10.1.2.3:8000", "--requests", "1"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "only to this machine" in refused.stderr
 
 
 def test_models_and_health(server):
