@@ -332,6 +332,7 @@ def _add_bench(subparsers) -> None:
     s.add_argument("--requests", type=int, default=200, help="requests per run, after the warm-up (default 200)")
     s.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default 20)")
     s.add_argument("--n", type=int, default=1, help="images per request (default 1)")
+    s.add_argument("--warmup", type=int, default=16, help="requests sent before each measured run, not counted (default 16)")
     s.add_argument("--url", help="load this running server (loopback only) instead of starting one")
     s.add_argument("--api-key", help="API key of --url (default: $RAYALIGN_API_KEY)")
     s.add_argument("--output", help="also write the results as JSON to this file")
@@ -347,13 +348,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     for name in ("concurrency", "requests", "steps", "n"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() != ".json":
         raise ValueError(f"--output {args.output!r} must end in .json")
 
     def measure(url: str, name: str, api_key: str | None) -> dict:
-        warmup = min(args.concurrency, args.requests)
-        run_load(url, concurrency=args.concurrency, requests=warmup, num_steps=args.steps, n=args.n, api_key=api_key)
+        if args.warmup:
+            run_load(url, concurrency=min(args.concurrency, args.warmup), requests=args.warmup, num_steps=args.steps, n=args.n, api_key=api_key)
         print(f"[{name}] {args.requests} requests from {args.concurrency} clients ...", flush=True)
         return run_load(url, concurrency=args.concurrency, requests=args.requests, num_steps=args.steps, n=args.n, api_key=api_key)
 
