@@ -209,17 +209,23 @@ def _serve_config(args: argparse.Namespace):
     return from_dict(ServeConfig, data)
 
 
-def _check_serve_inputs(cfg) -> str | None:
-    """Fail before Ray starts on a bad model or adapter; returns the adapter directory to serve."""
+def _check_serve_inputs(cfg):
+    """Fail before Ray starts on a bad model or adapter.
+
+    Returns the config with an absolute model path (replicas do not run in this
+    directory) and the absolute adapter directory to serve, or None.
+    """
+    import dataclasses
+
     from actors.policy import check_pipeline_dir, read_lora, resolve_lora_dir
 
     if cfg.model is not None:
-        check_pipeline_dir(cfg.model)
+        cfg = dataclasses.replace(cfg, model=str(check_pipeline_dir(cfg.model).resolve()))
     if cfg.lora is None:
-        return None
+        return cfg, None
     lora = resolve_lora_dir(cfg.lora)
     read_lora(lora)
-    return str(lora.resolve())
+    return cfg, str(lora.resolve())
 
 
 def _check_port(host: str, port: int) -> None:
@@ -262,7 +268,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--watch needs --lora (a training run directory whose new checkpoints to serve)")
     _check_port(args.host, args.port)
     _quiet_library_progress()
-    lora = _check_serve_inputs(cfg)
+    cfg, lora = _check_serve_inputs(cfg)
 
     import ray
     from ray import serve
@@ -321,6 +327,30 @@ def _serve_until_interrupted(cfg, args: argparse.Namespace, *, lora: str | None,
         print(f"new checkpoint {candidate} (version {version}); hot-swapping ...", flush=True)
         deploy(cfg, host=args.host, port=args.port, lora=candidate, api_key=api_key)
         served = version
+        print(_swap_outcome(args.host, args.port, version=version, lora=candidate), flush=True)
+
+
+def _swap_outcome(host: str, port: int, *, version: str, lora: str, timeout_s: float = 120) -> str:
+    """What the server reports after a swap: the new version, or why it kept the old one."""
+    import time
+    import urllib.request
+
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                health = json.loads(response.read())
+        except (OSError, ValueError):
+            health = {}
+        if health.get("adapter_version") == version:
+            return f"now serving {version}"
+        failure = health.get("adapter_error") or {}
+        if failure.get("lora") == lora:
+            return f"hot swap failed, still serving {health.get('adapter_version') or 'the base model'}: {failure.get('message')}"
+        time.sleep(0.5)
+    return f"the server has not confirmed the swap to {version} within {timeout_s:.0f} s; see /healthz"
 
 
 def _add_bench(subparsers) -> None:
@@ -385,7 +415,7 @@ def _bench_own_servers(args: argparse.Namespace, measure) -> dict:
 
     cfg = _serve_config(args)
     _quiet_library_progress()
-    lora = _check_serve_inputs(cfg)
+    cfg, lora = _check_serve_inputs(cfg)
 
     import ray
     from ray import serve

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -39,19 +40,33 @@ def health(port):
         return json.loads(response.read())
 
 
-def wait_for_version(process, port, version, timeout_s=240):
+class Output:
+    """Everything the server prints, read as it comes (a full pipe would stall the server)."""
+
+    def __init__(self, process):
+        self.lines = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        self.thread.start()
+
+    @property
+    def text(self):
+        return "".join(self.lines)
+
+
+def wait_until(process, output, condition, what, timeout_s=240):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"rayalign serve exited with {process.returncode}:\n{process.stdout.read()}")
+            output.thread.join(10)
+            pytest.fail(f"rayalign serve exited with {process.returncode} before {what}:\n{output.text}")
         try:
-            if health(port)["adapter_version"] == version:
+            if condition():
                 return
         except OSError:
             pass
         time.sleep(0.5)
     process.kill()
-    pytest.fail(f"the server never served {version}:\n{process.stdout.read()}")
+    pytest.fail(f"timed out waiting for {what}:\n{output.text}")
 
 
 def test_serve_follows_a_training_run_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp_path):
@@ -63,8 +78,9 @@ def test_serve_follows_a_training_run_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp
          "--max-batch-size", "2", "--num-cpus", "4", "--set", "limits.max_steps=4", "--set", "limits.default_steps=2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"),
     )
+    output = Output(process)
     try:
-        wait_for_version(process, port, first)
+        wait_until(process, output, lambda: health(port)["adapter_version"] == first, f"serving {first}")
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", method="POST",
                                          data=json.dumps({"prompt": "a red circle on the left", "num_inference_steps": 2}).encode())
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -73,16 +89,20 @@ def test_serve_follows_a_training_run_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp
             assert "<title>rayalign</title>" in response.read().decode()
 
         second = write_checkpoint(tiny_pipeline_dir, run, 2, seed=2)  # training writes a newer checkpoint
-        wait_for_version(process, port, second)
+        wait_until(process, output, lambda: f"now serving {second}" in output.text, f"the swap to {second}")
+        assert health(port)["adapter_version"] == second
 
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
+        process.wait(timeout=120)
+        output.thread.join(10)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
+    output = output.text
     assert process.returncode == 0, output
-    assert f"serving at http://127.0.0.1:{port}" in output and "hot-swapping" in output and "stopped" in output
+    assert f"serving at http://127.0.0.1:{port}" in output and "hot-swapping" in output
+    assert output.rstrip().endswith("stopped")
     assert "Traceback" not in output
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
