@@ -115,6 +115,7 @@ class ImageServer:
         self.sizes = [serve_api.size_text(*self.generator.image_size)]
         self.page = page_html()
         self.created = int(time.time())
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.adapter_error: dict[str, Any] | None = None
         self._configured = False
 
@@ -174,6 +175,7 @@ class ImageServer:
         adapter = self.generator.adapter
         return JSONResponse({
             "status": "ok",
+            "replica": self.replica,
             "model": model_id(self.config),
             "adapter_version": adapter.version if adapter else None,
             "adapter_error": self.adapter_error,

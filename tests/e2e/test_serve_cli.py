@@ -69,18 +69,27 @@ def wait_until(process, output, condition, what, timeout_s=240):
     pytest.fail(f"timed out waiting for {what}:\n{output.text}")
 
 
-def test_serve_follows_a_training_run_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp_path):
+def test_serve_follows_a_training_run_on_two_replicas_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp_path):
     run = tmp_path / "run"
     first = write_checkpoint(tiny_pipeline_dir, run, 1, seed=1)
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "serve", "--model", str(tiny_pipeline_dir), "--lora", str(run), "--port", str(port), "--watch", "1",
-         "--max-batch-size", "2", "--num-cpus", "4", "--set", "limits.max_steps=4", "--set", "limits.default_steps=2"],
+         "--replicas", "2", "--max-batch-size", "2", "--num-cpus", "4", "--set", "limits.max_steps=4", "--set", "limits.default_steps=2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"),
     )
     output = Output(process)
     try:
         wait_until(process, output, lambda: health(port)["adapter_version"] == first, f"serving {first}")
+        # Two replicas (--replicas 2): polling /healthz reaches both, each says which adapter it serves.
+        served = {}
+
+        def every_replica_serves(version):
+            answer = health(port)
+            served[answer["replica"]] = answer["adapter_version"]
+            return len(served) == 2 and set(served.values()) == {version}
+
+        wait_until(process, output, lambda: every_replica_serves(first), "both replicas serving the first checkpoint", timeout_s=60)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", method="POST",
                                          data=json.dumps({"prompt": "a red circle on the left", "num_inference_steps": 2}).encode())
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -90,7 +99,7 @@ def test_serve_follows_a_training_run_and_stops_on_ctrl_c(tiny_pipeline_dir, tmp
 
         second = write_checkpoint(tiny_pipeline_dir, run, 2, seed=2)  # training writes a newer checkpoint
         wait_until(process, output, lambda: f"now serving {second}" in output.text, f"the swap to {second}")
-        assert health(port)["adapter_version"] == second
+        wait_until(process, output, lambda: every_replica_serves(second), "both replicas serving the new checkpoint", timeout_s=60)
 
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
