@@ -134,16 +134,42 @@ def run_load(
     return summarize(outcomes, time.perf_counter() - started)
 
 
+def replica_stats(url: str) -> dict[str, Any] | None:
+    """``/healthz`` of the replica that answers: its id and batching counters (None if unreadable)."""
+    host, port = check_loopback(url)
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        health = json.loads(connection.getresponse().read())
+        return {"replica": health["replica"], **health["stats"]}
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+    finally:
+        connection.close()
+
+
+def batching_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """Mean real images per denoising batch and the share of padding, between two readings
+    of one replica's counters; empty when they come from different replicas."""
+    if not before or not after or before["replica"] != after["replica"] or after["batches"] <= before["batches"]:
+        return {}
+    batches = after["batches"] - before["batches"]
+    images = after["images"] - before["images"]
+    padding = after["padding"] - before["padding"]
+    return {"mean_batch": images / batches, "padding_fraction": padding / (images + padding) if images + padding else 0.0}
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One line per run: latency percentiles, throughput, errors."""
 
     def seconds(value: float | None) -> str:
         return f"{value:7.3f}" if value is not None else "      -"
 
-    lines = [f"{'run':<24} {'ok':>5} {'4xx':>4} {'5xx':>4} {'conn':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'images/s':>9}"]
+    lines = [f"{'run':<24} {'ok':>5} {'4xx':>4} {'5xx':>4} {'conn':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'images/s':>9} {'batch':>6}"]
     for name, r in results.items():
+        batch = f"{r['mean_batch']:>6.1f}" if r.get("mean_batch") is not None else f"{'-':>6}"
         lines.append(
             f"{name:<24} {r['ok']:>5} {r['errors_4xx']:>4} {r['errors_5xx']:>4} {r['errors_connection']:>4} "
-            f"{seconds(r['latency_p50_s'])} {seconds(r['latency_p95_s'])} {seconds(r['latency_p99_s'])} {r['images_per_s']:>9.2f}"
+            f"{seconds(r['latency_p50_s'])} {seconds(r['latency_p95_s'])} {seconds(r['latency_p99_s'])} {r['images_per_s']:>9.2f} {batch}"
         )
     return "\n".join(lines)

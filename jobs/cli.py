@@ -372,7 +372,7 @@ def _add_bench(subparsers) -> None:
 def run_bench_serve(args: argparse.Namespace) -> int:
     import os
 
-    from jobs.bench import check_loopback, format_table, run_load
+    from jobs.bench import batching_summary, check_loopback, format_table, replica_stats, run_load
     from jobs.serve_api import API_KEY_ENV
 
     for name in ("concurrency", "requests", "steps", "n"):
@@ -388,7 +388,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         if args.warmup:
             run_load(url, concurrency=min(args.concurrency, args.warmup), requests=args.warmup, num_steps=args.steps, n=args.n, api_key=api_key)
         print(f"[{name}] {args.requests} requests from {args.concurrency} clients ...", flush=True)
-        return run_load(url, concurrency=args.concurrency, requests=args.requests, num_steps=args.steps, n=args.n, api_key=api_key)
+        before = replica_stats(url)
+        result = run_load(url, concurrency=args.concurrency, requests=args.requests, num_steps=args.steps, n=args.n, api_key=api_key)
+        return {**result, **batching_summary(before, replica_stats(url))}
 
     if args.url:
         check_loopback(args.url)

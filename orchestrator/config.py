@@ -633,8 +633,13 @@ class ServeBatchingConfig:
     """Most images generated in one denoising batch; >= 1. A request asking for more
     than this many images runs alone, in several batches."""
 
-    batch_wait_timeout_s: float = 0.05
-    """Longest time the first request of a batch waits for others to join it; >= 0."""
+    batch_wait_timeout_s: float = 0.3
+    """Longest time the first request of a batch waits for others to join it; >= 0.
+    With ``pad_to_max_batch_size`` a part-full batch costs as much as a full one, so
+    waiting for stragglers is cheap under load; it only adds this much latency to a lone
+    request. Measured on the toy model at 16 concurrent clients (2 busy cores): 0.05 s
+    left batches half full (8.0 images on average) for 5.2 images/s, 0.3 s filled them
+    (16.0) for 10.7 images/s."""
 
     pad_to_max_batch_size: bool = True
     """Run every batch at exactly ``max_batch_size`` images, filling the rest with
