@@ -39,7 +39,7 @@ class Outcome:
     images: int
 
 
-def summarize(outcomes: Sequence[Outcome], wall_seconds: float) -> dict[str, Any]:
+def summarize(outcomes: Sequence[Outcome], *, wall_seconds: float) -> dict[str, Any]:
     """Latency percentiles (of successful requests), throughput and error counts."""
     ok = [o for o in outcomes if o.status == 200]
     latencies = np.array([o.seconds for o in ok], dtype=np.float64)
@@ -131,7 +131,7 @@ def run_load(
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench-client") as pool:
         for future in [pool.submit(client) for _ in range(min(concurrency, requests))]:
             future.result()
-    return summarize(outcomes, time.perf_counter() - started)
+    return summarize(outcomes, wall_seconds=time.perf_counter() - started)
 
 
 def replica_stats(url: str) -> dict[str, Any] | None:

@@ -137,6 +137,7 @@ def test_bench_command_drives_the_server(server, tmp_path):
     run = json.loads(out.read_text())["runs"]["server"]
     assert run["requests"] == 8 and run["ok"] == 8 and run["errors_5xx"] == 0 and run["images"] == 8
     assert 0 < run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"] and run["images_per_s"] > 0
+    assert 1 <= run["mean_batch"] <= 4  # one replica, batches of at most 4
     assert "images/s" in result.stdout and "server" in result.stdout
     refused = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", "http://10.1.2.3:8000", "--requests", "1"],
                              capture_output=True, text=True, timeout=60)
@@ -221,12 +222,13 @@ def test_hot_swap_through_user_config(server, tiny_pipeline_dir, tmp_path):
     base_image = server.generate(**probe)["data"][0]["b64_json"]
     replica_started = server.json("GET", "/v1/models")[1]["data"][-1]["created"]
 
-    # Requests in flight while the new adapter loads all complete.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        in_flight = [pool.submit(server.request, "POST", "/v1/images/generations", {**probe, "seed": 100 + i}) for i in range(8)]
+    # Requests in flight while the new adapter loads all complete, each with one set of weights.
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        in_flight = [pool.submit(server.json, "POST", "/v1/images/generations", {**probe, "seed": 100 + i}) for i in range(12)]
         deploy(server.config, host="127.0.0.1", port=int(server.url.rsplit(":", 1)[1]), lora=str(run), api_key=KEY)
-        statuses = [future.result()[0] for future in in_flight]
-    assert statuses == [200] * 8
+        answers = [future.result() for future in in_flight]
+    assert [status for status, _ in answers] == [200] * 12
+    assert {body["adapter_version"] for _, body in answers} <= {None, version}
     _wait_for_health(server, lambda h: h["adapter_version"] == version)
     swapped = server.generate(**probe)
     assert swapped["adapter_version"] == version and swapped["model"] == "pipeline+lora"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.bench import Outcome, check_loopback, format_table, summarize
+from jobs.bench import Outcome, batching_summary, check_loopback, format_table, summarize
 
 
 def test_summary_counts_errors_by_kind_and_takes_percentiles_of_successes():
@@ -31,3 +31,12 @@ def test_loopback_urls_pass(url, port):
 def test_other_hosts_are_refused(url, words):
     with pytest.raises(ValueError, match=words):
         check_loopback(url)
+
+
+def test_batching_summary_reads_one_replicas_counters():
+    before = {"replica": "r1", "batches": 10, "images": 100, "padding": 60}
+    after = {"replica": "r1", "batches": 14, "images": 156, "padding": 68}
+    assert batching_summary(before, after) == pytest.approx({"mean_batch": 14.0, "padding_fraction": 8 / 64})
+    # Counters of two different replicas (or a missing reading) say nothing about batching.
+    assert batching_summary(before, {**after, "replica": "r2"}) == {}
+    assert batching_summary(None, after) == {} and batching_summary(before, before) == {}

@@ -12,7 +12,14 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def generator(tiny_pipeline_dir):
-    return ImageGenerator.from_pretrained(tiny_pipeline_dir, device="cpu", batch_size=4, pad_batches=True)
+    import torch
+
+    # One thread, as a serving replica with one CPU runs: on a shared 2-core machine more
+    # threads only wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ImageGenerator.from_pretrained(tiny_pipeline_dir, device="cpu", batch_size=4, pad_batches=True)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,15 @@ def test_an_image_does_not_depend_on_the_jobs_beside_it(generator):
     np.testing.assert_array_equal(results[1].images[0], alone)
     assert not np.array_equal(results[0].images[0], alone)
     assert [r.images.shape[0] for r in results] == [2, 1, 1, 3]
+
+
+def test_without_padding_batches_run_at_their_own_size(generator):
+    from actors.image_generator import ImageGenerator
+
+    unpadded = ImageGenerator(generator.policy, eta=1.0, batch_size=4, pad_batches=False)
+    results = unpadded.generate([job(seeds=(1, 2)), job(prompt="a blue square at the top", seeds=(3,))])
+    assert unpadded.stats == {"batches": 1, "images": 3, "padding": 0, "largest_batch": 3}
+    assert [r.images.shape[0] for r in results] == [2, 1]
 
 
 def test_settings_are_grouped_not_mixed(generator):
