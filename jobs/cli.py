@@ -270,13 +270,17 @@ def run_serve(args: argparse.Namespace) -> int:
     _quiet_library_progress()
     cfg, lora = _check_serve_inputs(cfg)
 
-    import ray
-    from ray import serve
+    import signal
 
     from actors.image_generator import adapter_version
     from jobs.serve import deploy, model_id
     from orchestrator.run import connect
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, stop)
     connect(args.address, args.num_cpus)
     url = f"http://{args.host}:{args.port}"
     try:
@@ -285,30 +289,45 @@ def run_serve(args: argparse.Namespace) -> int:
         deploy(cfg, host=args.host, port=args.port, lora=lora, api_key=api_key, on_wait=lambda line: print(line, flush=True))
         print(f"serving at {url}  (web page: {url}/, API: POST {url}/v1/images/generations"
               f"{', API key required' if api_key else ''}); Ctrl-C to stop", flush=True)
-        _serve_until_interrupted(cfg, args, lora=lora, api_key=api_key, url=url)
+        _serve_until_interrupted(cfg, args, lora=lora, api_key=api_key)
     except KeyboardInterrupt:
         pass
     finally:
         print("shutting down ...", file=sys.stderr, flush=True)
-        serve.shutdown()
-        ray.shutdown()
+        _stop_serving(own_cluster=not (args.address or os.environ.get("RAY_ADDRESS")))
     print("stopped", file=sys.stderr, flush=True)
     return 0
 
 
-def _serve_until_interrupted(cfg, args: argparse.Namespace, *, lora: str | None, api_key: str | None, url: str) -> None:
-    """Block until Ctrl-C or SIGTERM; with --watch, hot-swap each newer checkpoint of --lora."""
-    import signal
+def _stop_serving(*, own_cluster: bool) -> None:
+    """Remove the application; on a cluster this command started, stop Serve and Ray too.
+
+    On a shared cluster (``--address``) only rayalign's application goes: Serve may be
+    running other applications there.
+    """
+    import ray
+    from ray import serve
+
+    from jobs.serve import APP_NAME
+
+    try:
+        if own_cluster:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    except Exception as error:  # Ray may already be gone (its processes got the signal too)
+        logger.warning("could not stop Serve cleanly: %s", error)
+    ray.shutdown()
+
+
+def _serve_until_interrupted(cfg, args: argparse.Namespace, *, lora: str | None, api_key: str | None) -> None:
+    """Block until interrupted; with --watch, hot-swap each newer checkpoint of --lora."""
     import time
 
     from actors.image_generator import adapter_version
     from actors.policy import resolve_lora_dir
     from jobs.serve import deploy
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     served = adapter_version(lora) if lora else None
     next_look = time.monotonic() + args.watch
     while True:
@@ -419,7 +438,8 @@ def _bench_own_servers(args: argparse.Namespace, measure) -> dict:
     _quiet_library_progress()
     cfg, lora = _check_serve_inputs(cfg)
 
-    import ray
+    import os
+
     from ray import serve
 
     from jobs.serve import APP_NAME, deploy
@@ -438,8 +458,7 @@ def _bench_own_servers(args: argparse.Namespace, measure) -> dict:
             results[name] = measure(f"http://127.0.0.1:{port}", name, None)
             serve.delete(APP_NAME)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        _stop_serving(own_cluster=not (args.address or os.environ.get("RAY_ADDRESS")))
     return results
 
 
