@@ -227,7 +227,8 @@ class PickScoreOptions(ClipOptions):
     """PickScore_v1 (a fine-tuned CLIP ViT-H/14): a Hugging Face model directory or the hub id in the local cache."""
 
     processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    """The tokenizer and preprocessor PickScore uses (its model repo has none); null = the weights directory."""
+    """Where the tokenizer and preprocessor_config.json come from: PickScore's reference code loads them
+    from the CLIP ViT-H/14 it was fine-tuned from; null = the weights directory."""
 
 
 @dataclass(frozen=True, kw_only=True)
