@@ -69,6 +69,7 @@ def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    logger.info("reading %s (%.2f GB)", path, path.stat().st_size / 1e9)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -103,6 +104,7 @@ def _check_output(output: Path) -> None:
 
 
 def _save_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    logger.info("writing %d tensors (%.2f GB) to %s", len(state), sum(t.numel() * t.element_size() for t in state.values()) / 1e9, path.name)
     # Tied weights share storage after unpickling, which safetensors refuses; copies do not.
     save_file({key: value.detach().contiguous().clone() for key, value in state.items()}, str(path), metadata={"format": "pt"})
 

@@ -55,7 +55,9 @@ class ImageSpec:
     crop: int
     """Side of the centre crop."""
     mean: tuple[float, float, float]
+    """Per-channel mean subtracted from pixels scaled to [0, 1]."""
     std: tuple[float, float, float]
+    """Per-channel standard deviation the centred pixels are divided by."""
     square: bool = False
     """Resize straight to ``size`` x ``size`` instead of keeping the aspect ratio."""
 
