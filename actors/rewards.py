@@ -10,9 +10,18 @@ A reward is a plain function::
     scores:   np.ndarray float32, (batch,) -- higher is better, always finite
     info:     dict str -> float | np.ndarray, per-batch diagnostics for logging
 
-Adding a reward is one function decorated with :func:`register_reward` plus one row in
-the reward conformance test (``tests/unit/test_rewards.py``). Users can also name a
-reward of their own as ``"package.module:function"`` without touching this file.
+or a *configured* reward: a class with a nested frozen dataclass ``Options`` (its
+settings, e.g. a weights path, a device, a batch size), constructed as
+``cls(options=Options(...))`` and then called like the function above. Its constructor
+only stores the options; ``check()`` (optional) verifies cheaply that the files it needs
+exist, and ``load()`` (optional) loads weights, once; the first call loads too. Model
+rewards (:mod:`actors.reward_models`) and the remote scoring service
+(:mod:`actors.reward_http`) are configured rewards.
+
+Adding a reward is one function or class decorated with :func:`register_reward` plus one
+row in the reward conformance test (``tests/unit/test_rewards.py``). Users can also name
+a reward of their own as ``"package.module:function"`` (or ``"package.module:Class"``
+for a configured one) without touching this file.
 
 Callers go through :func:`score_batch`, which checks the inputs, calls the reward and
 validates what comes back, so a broken reward fails loudly at the batch that broke it
@@ -34,27 +43,42 @@ from actors import toy_world
 
 Info = dict[str, Union[float, np.ndarray]]
 RewardFn = Callable[[np.ndarray, Sequence[str], Sequence[Mapping[str, Any]]], tuple[np.ndarray, Info]]
+RewardEntry = Union[RewardFn, type]
+"""What the registry holds: a reward function, or a configured reward class (see the module docstring)."""
 
-REWARDS: dict[str, RewardFn] = {}
+REWARDS: dict[str, RewardEntry] = {}
 """Every registered reward by name; fill it with :func:`register_reward`."""
 
 JPEG_QUALITY = 95
 """JPEG quality used by the compressibility rewards (DDPO, Black et al. 2023, uses 95)."""
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator adding a reward function to :data:`REWARDS` under ``name``; returns it unchanged."""
+def register_reward(name: str) -> Callable[[RewardEntry], RewardEntry]:
+    """Decorator adding a reward function or configured reward class to :data:`REWARDS`
+    under ``name``; returns it unchanged."""
     if not isinstance(name, str) or not name or ":" in name:
         # ':' is reserved for the 'package.module:function' form of resolve_reward.
         raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
 
-    def decorator(fn: RewardFn) -> RewardFn:
+    def decorator(entry: RewardEntry) -> RewardEntry:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name].__module__}); pick another name")
-        REWARDS[name] = fn
-        return fn
+        if isinstance(entry, type) and not is_configured_reward(entry):
+            raise ValueError(f"reward class {entry.__name__} registered as {name!r} needs a nested frozen dataclass 'Options'")
+        REWARDS[name] = entry
+        return entry
 
     return decorator
+
+
+def is_configured_reward(entry: Any) -> bool:
+    """True for a configured reward class: a class with a dataclass ``Options``."""
+    return isinstance(entry, type) and dataclasses.is_dataclass(getattr(entry, "Options", None))
+
+
+def configured_rewards() -> list[str]:
+    """Names of the registered rewards that take options (model and remote rewards)."""
+    return sorted(name for name, entry in REWARDS.items() if is_configured_reward(entry))
 
 
 # --------------------------------------------------------------------------------------
@@ -119,18 +143,43 @@ def toy_fidelity(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[
 # --------------------------------------------------------------------------------------
 
 
-def resolve_reward(name: str) -> RewardFn:
-    """The reward called ``name``: a key of :data:`REWARDS` or ``"package.module:function"``."""
+def resolve_reward(name: str, options: Mapping[str, Any] | None = None) -> RewardFn:
+    """The reward called ``name``: a key of :data:`REWARDS` or ``"package.module:function"``.
+
+    A configured reward class is constructed with ``options`` (validated against its
+    ``Options`` dataclass; nothing is loaded yet). A plain function takes no options.
+    """
     if not isinstance(name, str):
         raise ValueError(f"a reward name must be a string, got {type(name).__name__} {name!r}")
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"reward {name!r}: options must be a mapping of option name to value, got {type(options).__name__}")
     if name in REWARDS:
-        return REWARDS[name]
-    if ":" in name:
-        return _import_reward(name)
-    raise ValueError(
-        f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}. "
-        f"A reward of your own can be named as 'package.module:function'."
-    )
+        entry = REWARDS[name]
+    elif ":" in name:
+        entry = _import_reward(name)
+    else:
+        raise ValueError(
+            f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}. "
+            f"A reward of your own can be named as 'package.module:function'."
+        )
+    if is_configured_reward(entry):
+        return entry(options=parse_reward_options(name, entry.Options, options or {}))
+    if options:
+        raise ValueError(
+            f"reward {name!r} takes no options, got {sorted(options)}; "
+            f"rewards with options: {', '.join(configured_rewards())}"
+        )
+    return entry
+
+
+def parse_reward_options(name: str, options_cls: type, options: Mapping[str, Any]) -> Any:
+    """``options`` as an ``options_cls`` instance; ``ValueError`` naming the reward, the option and what is allowed."""
+    from orchestrator.config import from_dict
+
+    try:
+        return from_dict(options_cls, dict(options), path="options")
+    except ValueError as error:
+        raise ValueError(f"reward {name!r}: {error}") from None
 
 
 def _import_reward(path: str) -> RewardFn:
@@ -229,13 +278,16 @@ def _check_component(component: Any) -> tuple[str, float]:
 class CombinedReward:
     """Weighted sum of rewards: ``sum_k weight_k * reward_k(images, prompts, metadata)``.
 
-    Names are resolved at construction, so a typo fails when the config is loaded, not
-    at the first batch. ``info`` holds each component's raw scores under
+    Names are resolved (and options validated) at construction, so a typo fails when the
+    config is loaded, not at the first batch; model weights load only in :meth:`load` or
+    at the first call. ``info`` holds each component's raw scores under
     ``"<name>/score"`` and its own info under ``"<name>/<key>"``.
     """
 
     components: tuple[tuple[str, float], ...]
     """``(name, weight)`` pairs; a name is a registered reward or ``"package.module:function"``."""
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """Options of configured rewards by component name, e.g. ``{"aesthetic": {"weights": "/models/aesthetic"}}``."""
     _fns: tuple[RewardFn, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -249,13 +301,30 @@ class CombinedReward:
         if duplicates:
             # Their info keys would collide; one entry with the summed weight means the same.
             raise ValueError(f"reward(s) {duplicates} listed more than once; list each once with the summed weight")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"CombinedReward options must map reward names to option mappings, got {type(self.options).__name__}")
+        strays = sorted(set(self.options) - set(names))
+        if strays:
+            raise ValueError(f"options given for reward(s) {strays} that are not components; components: {names}")
         object.__setattr__(self, "components", components)
-        object.__setattr__(self, "_fns", tuple(resolve_reward(name) for name in names))
+        object.__setattr__(self, "_fns", tuple(resolve_reward(name, self.options.get(name)) for name in names))
 
     @property
     def name(self) -> str:
         """Readable formula, e.g. ``"0.5*toy_fidelity + 2*jpeg_incompressibility"``."""
         return " + ".join(f"{weight:g}*{name}" for name, weight in self.components)
+
+    def check(self) -> None:
+        """Cheap checks that every configured component's files exist (nothing is loaded)."""
+        for fn in self._fns:
+            if hasattr(fn, "check"):
+                fn.check()
+
+    def load(self) -> None:
+        """Load every configured component's weights now (otherwise the first call does)."""
+        for fn in self._fns:
+            if hasattr(fn, "load"):
+                fn.load()
 
     def __call__(
         self,
@@ -276,11 +345,23 @@ class CombinedReward:
         return total.astype(np.float32), info
 
 
-def build_reward(components: str | Sequence[tuple[str, float]]) -> CombinedReward:
-    """A :class:`CombinedReward` from a reward name (weight 1) or a list of ``(name, weight)`` pairs."""
+def build_reward(
+    components: str | Sequence[tuple[str, float]],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> CombinedReward:
+    """A :class:`CombinedReward` from a reward name (weight 1) or a list of ``(name, weight)``
+    pairs, with ``options`` for its configured rewards by name."""
     if isinstance(components, str):
-        return CombinedReward(((components, 1.0),))
-    return CombinedReward(components)
+        components = ((components, 1.0),)
+    return CombinedReward(components, options=dict(options or {}))
+
+
+def build_reward_from_config(reward: Any) -> CombinedReward:
+    """A :class:`CombinedReward` from a ``RewardConfig`` (its components' names, weights and options)."""
+    return build_reward(
+        [(c.name, c.weight) for c in reward.components],
+        options={c.name: c.options for c in reward.components if c.options},
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -363,5 +444,10 @@ def score_batch(
         return check_scores(name, output[0], batch_size, batch_index), output[1]
     if not callable(reward):
         raise ValueError(f"reward must be callable or a reward name, got {type(reward).__name__}")
-    name = name or getattr(reward, "__name__", repr(reward))
+    name = name or getattr(reward, "__name__", None) or getattr(reward, "name", None) or repr(reward)
     return _call_checked(name, reward, images, prompts, metadata, batch_index)
+
+
+# Registers the model rewards and the remote scoring service. Imported last: those modules
+# import register_reward from here, and load torch/transformers only when a reward loads.
+from actors import reward_http, reward_models  # noqa: E402,F401  (import for registration)

@@ -26,6 +26,8 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--lora", help="LoRA adapter: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line; or a built-in set: toy-train, toy-heldout, toy-all")
     p.add_argument("--reward", required=True, action="append", help="reward name (repeat to sum several), NAME=WEIGHT, or module:function")
+    p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="option of a model or http reward, e.g. --reward-option aesthetic.weights=/models/aesthetic (repeatable; VALUE is YAML)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its prompt (default 0)")
     p.add_argument("--output", required=True, help="JSON file for the scores; the image grid goes next to it as .png")
@@ -49,6 +51,19 @@ def _parse_reward_args(values: Sequence[str]) -> list[tuple[str, float]]:
     return components
 
 
+def _parse_reward_options(values: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    from orchestrator.config import apply_overrides
+
+    for value in values:
+        key, sep, _ = value.partition("=")
+        name = key.partition(".")[0]
+        if not sep or "." not in key:
+            raise ValueError(f"--reward-option {value!r} must look like NAME.KEY=VALUE, e.g. aesthetic.weights=/models/aesthetic")
+        if name not in names:
+            raise ValueError(f"--reward-option {value!r} is for reward {name!r}, which is not among the --reward names {list(names)}")
+    return apply_overrides({}, values)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from actors.prompts import read_prompts
     from actors.rewards import build_reward
@@ -56,7 +71,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     # Cheap checks first, so a typo fails before the model libraries are even imported.
     sampling = SamplingConfig(num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-    reward = build_reward(_parse_reward_args(args.reward))
+    components = _parse_reward_args(args.reward)
+    reward = build_reward(components, options=_parse_reward_options(args.reward_option, [name for name, _ in components]))
+    reward.check()
     prompts = read_prompts(args.prompts)
     output = Path(args.output)
     if output.suffix.lower() != ".json":
@@ -73,6 +90,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model_path = args.model or embedded_model_path()
     lora = resolve_lora_dir(args.lora) if args.lora else None
+    reward.load()  # a reward model that cannot load should fail before sampling starts
     logger.info("loading %s%s", model_path, f" + LoRA {lora}" if lora else "")
     if lora:
         policy = DiffusionPolicy.from_pretrained(model_path, finetune="lora", lora_path=lora, dtype=args.dtype, device=args.device)
@@ -462,6 +480,36 @@ def _bench_own_servers(args: argparse.Namespace, measure) -> dict:
     return results
 
 
+def _add_convert_reward(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-reward",
+        help="convert a published reward checkpoint (pickle) to safetensors, once",
+        description="Convert a published reward checkpoint to a safetensors directory that a reward's `weights` option can "
+        "point at. Pickles are read with torch.load(weights_only=True), which refuses anything but tensors.",
+    )
+    p.add_argument("kind", choices=["aesthetic", "clip", "hpsv2", "imagereward"],
+                   help="aesthetic: sac+logos+ava1-l14-linearMSE.pth; clip: a Hugging Face CLIP directory with pytorch_model.bin "
+                   "(e.g. PickScore_v1); hpsv2: HPS_v2*.pt; imagereward: ImageReward.pt")
+    p.add_argument("--input", required=True, help="the checkpoint file (a directory for kind clip)")
+    p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--tokenizer", help="hpsv2: a CLIP tokenizer directory; imagereward: the bert-base-uncased tokenizer directory")
+    p.add_argument("--vision-heads", type=int, help="attention heads of the image tower, if not the usual for its width")
+    p.add_argument("--text-heads", type=int, help="attention heads of the text tower, if not width / 64")
+    p.set_defaults(run=run_convert_reward)
+
+
+def run_convert_reward(args: argparse.Namespace) -> int:
+    for flag in ("vision_heads", "text_heads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    _quiet_library_progress()
+    from actors.reward_convert import convert_reward
+
+    output = convert_reward(args.kind, source=args.input, output=args.output, tokenizer=args.tokenizer, vision_heads=args.vision_heads, text_heads=args.text_heads)
+    print(f"wrote {output}; use it as the `weights` option of the {args.kind if args.kind != 'clip' else 'clip_score or pickscore'} reward")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayalign", description="Align text-to-image diffusion models with RL on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -471,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_toy_model(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
+    _add_convert_reward(subparsers)
     return parser
 
 

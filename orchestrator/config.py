@@ -262,6 +262,13 @@ class RewardComponent:
     weight: float = 1.0
     """Multiplier of this reward in the total; any finite number (negative = penalty)."""
 
+    options: dict[str, Any] = field(default_factory=dict)
+    """Settings of a reward that takes options (model rewards such as "aesthetic" or
+    "imagereward", and "http"), e.g. ``{weights: /models/imagereward, device: cuda,
+    batch_size: 16}``; empty for plain reward functions. Checked against the reward's own
+    option dataclass (actors/reward_models.py, actors/reward_http.py) before any actor
+    starts: an unknown option or a bad value is an error naming it."""
+
     @classmethod
     def coerce(cls, value: Any) -> Any:
         """Accept a bare name as shorthand for ``{name: <name>}`` (weight 1.0)."""
@@ -272,6 +279,8 @@ class RewardComponent:
     def __post_init__(self) -> None:
         _check_identifier_like(self, "name")
         _check_finite(self, "weight")
+        if not isinstance(self.options, Mapping):
+            raise _FieldError("options", f"must be a mapping of option name to value, got {self.options!r}")
 
 
 @dataclass(frozen=True)
@@ -284,7 +293,10 @@ class RewardConfig:
     - ``reward: {toy_fidelity: 1.0, jpeg_compressibility: 0.1}``  (name -> weight);
     - ``reward: [toy_fidelity, {name: jpeg_compressibility, weight: 0.1}]``.
 
-    Names are checked against the reward registry when the reward actors start, not here.
+    A reward with options needs the canonical or list form, e.g. ``reward: [{name:
+    aesthetic, options: {weights: /models/aesthetic-head}}]``. Names and options are
+    checked against the reward registry before any actor starts (``rayalign train``'s
+    pre-flight), not here.
     """
 
     components: tuple[RewardComponent, ...] = (RewardComponent("toy_fidelity"),)

@@ -126,7 +126,7 @@ def start_pools(cfg, *, uses_reference: bool, timeout_s: float = START_TIMEOUT_S
     rollout_cls = ray.remote(RolloutWorker).options(**options(cfg.pools.rollout))
     reward_cls = ray.remote(RewardWorker).options(**options(cfg.pools.reward))
     rollout = ActorPool("rollout", [rollout_cls.remote(cfg.model, cfg.sampling, num_threads=threads_for(cfg.pools.rollout.num_cpus)) for _ in range(cfg.pools.rollout.num_actors)])
-    reward = ActorPool("reward", [reward_cls.remote(cfg.reward) for _ in range(cfg.pools.reward.num_actors)])
+    reward = ActorPool("reward", [reward_cls.remote(cfg.reward, num_threads=threads_for(cfg.pools.reward.num_cpus)) for _ in range(cfg.pools.reward.num_actors)])
     reference = None
     if uses_reference and cfg.pools.reference.num_actors:
         reference_cls = ray.remote(ReferenceWorker).options(**options(cfg.pools.reference))

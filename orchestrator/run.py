@@ -63,9 +63,9 @@ def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[
 def _check_names(cfg: Config) -> None:
     """Fail before any actor starts on names that only actors would otherwise resolve."""
     from actors.prompts import read_prompts
-    from actors.rewards import build_reward
+    from actors.rewards import build_reward_from_config
 
-    build_reward([(c.name, c.weight) for c in cfg.reward.components])
+    build_reward_from_config(cfg.reward).check()
     read_prompts(cfg.train.prompts)
     if cfg.train.eval_every:
         read_prompts(cfg.train.eval_prompts)

@@ -14,3 +14,26 @@ def tiny_pipeline_dir(tmp_path_factory):
     from actors.toy_model import build_random_pipeline
 
     return build_random_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline", seed=0, tiny=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_models(tmp_path_factory):
+    """Tiny random reward checkpoints in their published layouts, converted and ready (seconds)."""
+    from tests.helpers.tiny_rewards import build_tiny_reward_models
+
+    return build_tiny_reward_models(tmp_path_factory.mktemp("tiny-rewards"))
+
+
+@pytest.fixture(scope="session")
+def scoring_server():
+    """A real local HTTP scoring service (mean brightness) for the ``http`` reward."""
+    from tests.helpers.scoring_server import ScoringServer
+
+    with ScoringServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def reward_options(tiny_reward_models, scoring_server):
+    """Options that make every configured reward runnable here, by reward name."""
+    return {**tiny_reward_models.options(), "http": {"url": scoring_server.url, "timeout_s": 10, "batch_size": 3}}

@@ -107,3 +107,34 @@ def test_make_toy_model_help_quotes_the_real_defaults():
     helps = {a.dest: a.help for a in subparsers.choices["make-toy-model"]._actions}
     for name in ("seed", "vae_steps", "unet_steps", "unet_lr_horizon", "images_per_prompt"):
         assert f"(default {getattr(defaults, name)})" in helps[name], name
+
+
+def test_convert_reward_then_eval_with_a_model_reward(tiny_pipeline_dir, tiny_reward_models, tmp_path):
+    head = tmp_path / "aesthetic-head"
+    result = rayalign("convert-reward", "aesthetic", "--input", tiny_reward_models.aesthetic_pth, "--output", head)
+    assert result.returncode == 0, result.stderr
+    assert (head / "model.safetensors").is_file() and "weights` option of the aesthetic reward" in result.stdout
+
+    out = tmp_path / "aesthetic.json"
+    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "aesthetic=2", "--reward", "toy_fidelity",
+                      "--reward-option", f"aesthetic.weights={head}", "--reward-option", f"aesthetic.clip={tiny_reward_models.clip}",
+                      "--reward-option", "aesthetic.batch_size=4", "--num-per-prompt", 1, "--steps", 2, "--output", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["reward"] == "2*aesthetic + 1*toy_fidelity"
+    assert report["info"]["aesthetic/score"] != 0.0
+    assert report["mean"] == pytest.approx(2 * report["info"]["aesthetic/score"] + report["info"]["toy_fidelity/score"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reward", "aesthetic"], "options.weights is required"),
+        (["--reward", "toy_fidelity", "--reward-option", "aesthetic.weights=/x"], "not among the --reward names"),
+        (["--reward", "aesthetic", "--reward-option", "aesthetic.weights=/no/such/head"], "does not exist; expected the aesthetic MLP head"),
+    ],
+)
+def test_model_reward_errors_are_one_clear_line(tiny_pipeline_dir, tmp_path, extra, message):
+    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", *extra, "--output", tmp_path / "x.json")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,18 @@ import pytest
 from PIL import Image
 
 from actors import toy_world
-from actors.rewards import REWARDS, CombinedReward, build_reward, check_scores, register_reward, resolve_reward, score_batch
+from actors.rewards import (
+    REWARDS,
+    CombinedReward,
+    RewardFn,
+    build_reward,
+    check_scores,
+    configured_rewards,
+    is_configured_reward,
+    register_reward,
+    resolve_reward,
+    score_batch,
+)
 
 USER_REWARD = "tests.helpers.user_reward:mean_brightness"
 
@@ -28,32 +39,46 @@ def pil_jpeg_kb(image: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Conformance: every registered reward. A new reward is covered by registering it.
+# Conformance: every registered reward. A new reward is covered by registering it; one
+# that takes options also needs a row in the ``reward_options`` fixture (tests/conftest.py).
 # --------------------------------------------------------------------------------------
 
 
+def runnable(name: str, reward_options) -> RewardFn:
+    """The registered reward ``name``, configured with the test options when it takes options."""
+    return resolve_reward(name, reward_options.get(name))
+
+
+def test_every_configured_reward_has_test_options(reward_options):
+    assert set(configured_rewards()) <= set(reward_options), "add the new reward's options to the reward_options fixture"
+
+
 @pytest.mark.parametrize("name", sorted(REWARDS))
-def test_reward_conformance(name):
+def test_reward_conformance(name, reward_options):
+    reward = runnable(name, reward_options)
     images, prompts = toy_batch(8)
-    scores, info = score_batch(name, images, prompts)
+    scores, info = score_batch(reward, images, prompts, name=name)
     assert scores.shape == (8,)
     assert scores.dtype == np.float32
     assert np.isfinite(scores).all()
     assert isinstance(info, dict) and all(isinstance(key, str) for key in info)
 
-    again, _ = score_batch(name, images, prompts)
+    again, _ = score_batch(reward, images, prompts, name=name)
     np.testing.assert_array_equal(again, scores)
 
-    # Scores of an image must not depend on which other images share its batch.
-    head, _ = score_batch(name, images[:3], prompts[:3])
-    tail, _ = score_batch(name, images[3:], prompts[3:], batch_index=1)
-    np.testing.assert_array_equal(np.concatenate([head, tail]), scores)
+    # Scores of an image must not depend on which other images share its batch. Model
+    # rewards run float32 matrix products whose summation order may follow the batch
+    # shape, so agreement is to float32 rounding rather than bit for bit.
+    head, _ = score_batch(reward, images[:3], prompts[:3], name=name)
+    tail, _ = score_batch(reward, images[3:], prompts[3:], batch_index=1, name=name)
+    np.testing.assert_allclose(np.concatenate([head, tail]), scores, rtol=1e-5, atol=1e-6)
 
 
 def test_registered_reward_returned_directly_matches_registry_name():
     images, prompts = toy_batch(2)
     for name, fn in REWARDS.items():
-        np.testing.assert_array_equal(score_batch(fn, images, prompts)[0], score_batch(name, images, prompts)[0])
+        if not is_configured_reward(fn):
+            np.testing.assert_array_equal(score_batch(fn, images, prompts)[0], score_batch(name, images, prompts)[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -185,10 +210,11 @@ def test_combined_reward_is_the_weighted_sum():
 
 
 @pytest.mark.parametrize("name", sorted(REWARDS))
-def test_single_component_with_weight_one_equals_the_reward(name):
+def test_single_component_with_weight_one_equals_the_reward(name, reward_options):
     images, prompts = toy_batch(4)
-    alone, _ = score_batch(name, images, prompts)
-    combined, info = score_batch(build_reward(name), images, prompts)
+    alone, _ = score_batch(runnable(name, reward_options), images, prompts)
+    options = {name: reward_options[name]} if name in reward_options else None
+    combined, info = score_batch(build_reward(name, options=options), images, prompts)
     np.testing.assert_array_equal(combined, alone)
     np.testing.assert_array_equal(info[f"{name}/score"], alone)
 
