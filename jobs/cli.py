@@ -135,7 +135,7 @@ def _add_train(subparsers) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, quickstart")
     source.add_argument("--config", help="a YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields, e.g. --set train.epochs=5 learner.learning_rate=1e-4 (repeatable)")
     p.add_argument("--output-dir", required=True, help="run directory: config.yaml, metrics.jsonl, tensorboard/, images/, checkpoints/")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last complete checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
@@ -202,7 +202,7 @@ def run_make_toy_model(args: argparse.Namespace) -> int:
 def _add_server_flags(p) -> None:
     """Flags that build a :class:`~orchestrator.config.ServeConfig` (shared by serve and bench serve)."""
     p.add_argument("--config", help="a YAML ServeConfig (limits, batching, scaling, ...); flags below override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a ServeConfig field, e.g. --set limits.max_n=8 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override ServeConfig fields, e.g. --set limits.max_n=8 batching.max_batch_size=8 (repeatable)")
     p.add_argument("--model", help="local SD-1.5-format pipeline directory (default: the embedded toy model)")
     p.add_argument("--lora", help="LoRA to serve: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
     p.add_argument("--replicas", type=int, help="number of replicas, each with a copy of the model (default 1)")

@@ -138,3 +138,11 @@ def test_model_reward_errors_are_one_clear_line(tiny_pipeline_dir, tmp_path, ext
     result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", *extra, "--output", tmp_path / "x.json")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_set_takes_several_overrides_per_flag_and_repeats():
+    from jobs.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "toy-ddpo", "--output-dir", "out", "--set", "train.epochs=2", "learner.learning_rate=1e-3",
+                                      "--set", "seed=3"])
+    assert args.overrides == ["train.epochs=2", "learner.learning_rate=1e-3", "seed=3"]
