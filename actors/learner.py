@@ -32,6 +32,20 @@ def select_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
+def step_orders(rng: np.random.Generator, *, batch: int, num_steps: int, train_timesteps: int, selection: str) -> np.ndarray:
+    """The denoising steps each trajectory trains on this inner epoch, in training order: (batch, train_timesteps).
+
+    DDPO shuffles the steps of each trajectory independently ("random": a fresh subset of
+    all ``num_steps``); "earliest" shuffles the first ``train_timesteps`` steps.
+    """
+    if selection not in ("random", "earliest"):
+        raise ValueError(f"timestep selection must be 'random' or 'earliest', got {selection!r}")
+    if not 1 <= train_timesteps <= num_steps:
+        raise ValueError(f"train_timesteps must be in [1, num_steps={num_steps}], got {train_timesteps}")
+    pool = num_steps if selection == "random" else train_timesteps
+    return np.stack([rng.permutation(pool)[:train_timesteps] for _ in range(batch)]).reshape(batch, train_timesteps)
+
+
 def deepspeed_config(learner, *, train_timesteps: int) -> dict[str, Any]:
     """DeepSpeed config for a learner section: one optimizer step per (accumulation x passes) micro-steps,
     where each trajectory's ``train_timesteps`` steps take ``train_timesteps / timesteps_per_pass`` passes."""
@@ -132,8 +146,7 @@ class Learner:
         self.engine.train()
         for _ in range(self.train_cfg.inner_epochs):
             order = rng.permutation(batch)
-            # DDPO shuffles the denoising steps of each trajectory independently.
-            step_order = np.stack([rng.permutation(steps)[:train_timesteps] for _ in range(batch)])  # (batch, train_timesteps)
+            step_order = step_orders(rng, batch=batch, num_steps=steps, train_timesteps=train_timesteps, selection=self.train_cfg.timestep_selection)
             per_pass = self._learner_cfg.timesteps_per_pass
             for start in range(0, batch, self.micro_batch_size):
                 rows = order[start : start + self.micro_batch_size]

@@ -472,6 +472,12 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's denoising steps trained on (DDPO); in (0, 1]."""
 
+    timestep_selection: Literal["random", "earliest"] = "random"
+    """Which steps ``timestep_fraction`` picks: "random" (a fresh random subset per
+    trajectory, DDPO) or "earliest" (the first, highest-noise steps, where layout,
+    shape and colour are decided; the later steps' log-prob gradients scale with 1/σ_t
+    and, when they decide little, mostly add noise)."""
+
     clip_range: float = 1e-4
     """PPO clip range of the importance ratio (ddpo_is, dpok); DDPO uses 1e-4; > 0."""
 
