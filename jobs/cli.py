@@ -164,8 +164,20 @@ def run_train(args: argparse.Namespace) -> int:
     if metrics:
         last = metrics[-3:]
         print(f"reward/mean: epoch 1 {metrics[0]['reward/mean']:.4f} -> last {len(last)} epochs {sum(m['reward/mean'] for m in last) / len(last):.4f}")
-    print(f"run written to {output}; evaluate with: rayalign eval --lora {output} --prompts toy-heldout --reward toy_fidelity --output {output}/eval_heldout.json")
+    print(f"run written to {output}; evaluate with: {_eval_command(output)}")
     return 0
+
+
+def _eval_command(output: Path) -> str:
+    """The `rayalign eval` line that scores a run's LoRA on held-out prompts, sampled as the run sampled."""
+    from orchestrator.config import Config, load_config
+
+    cfg: Config = load_config(output / "config.yaml", [])
+    model = f" --model {cfg.model.path}" if cfg.model.path else ""
+    reward = " ".join(f"--reward {c.name}={c.weight:g}" if c.weight != 1 else f"--reward {c.name}" for c in cfg.reward.components)
+    prompts = cfg.train.eval_prompts
+    sampling = f"--steps {cfg.sampling.num_steps} --eta {cfg.sampling.eta:g} --guidance-scale {cfg.sampling.guidance_scale:g}"
+    return f"rayalign eval{model} --lora {output} --prompts {prompts} {reward} {sampling} --output {output}/eval_heldout.json"
 
 
 def _add_make_toy_model(subparsers) -> None:
@@ -175,8 +187,8 @@ def _add_make_toy_model(subparsers) -> None:
     p.add_argument("--output", required=True, help="directory to write the pipeline to (must not exist or be empty)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--vae-steps", type=int, help="autoencoder steps (default 1000)")
-    p.add_argument("--unet-steps", type=int, help="denoiser steps (default 800)")
-    p.add_argument("--unet-lr-horizon", type=int, help="length of the denoiser's cosine LR schedule; 0 = --unet-steps (default 0)")
+    p.add_argument("--unet-steps", type=int, help="denoiser steps (default 500)")
+    p.add_argument("--unet-lr-horizon", type=int, help="length of the denoiser's cosine LR schedule, at least --unet-steps (default 2600)")
     p.add_argument("--images-per-prompt", type=int, help="renders per training caption (default 80)")
     p.set_defaults(run=run_make_toy_model)
 

@@ -146,3 +146,15 @@ def test_set_takes_several_overrides_per_flag_and_repeats():
     args = build_parser().parse_args(["train", "--preset", "toy-ddpo", "--output-dir", "out", "--set", "train.epochs=2", "learner.learning_rate=1e-3",
                                       "--set", "seed=3"])
     assert args.overrides == ["train.epochs=2", "learner.learning_rate=1e-3", "seed=3"]
+
+
+def test_train_suggests_an_eval_command_that_samples_as_the_run_did(tmp_path):
+    from jobs.cli import _eval_command
+    from orchestrator.config import dump_yaml, load_preset
+
+    cfg = load_preset("toy-ddpo", ["model.path=/models/toy", "reward={toy_fidelity: 1.0, jpeg_compressibility: 0.5}"])
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    line = _eval_command(tmp_path)
+    assert line.startswith(f"rayalign eval --model /models/toy --lora {tmp_path} --prompts toy-heldout ")
+    assert "--reward toy_fidelity --reward jpeg_compressibility=0.5" in line
+    assert f"--steps {cfg.sampling.num_steps} --eta 1 --guidance-scale {cfg.sampling.guidance_scale:g}" in line
