@@ -48,10 +48,11 @@ class PretrainArgs:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
     """Weight of KL(q(z|x) || N(0, I)); small, so latents stay informative."""
-    unet_steps: int = 800
+    unet_steps: int = 500
     """Optimiser steps of the denoiser phase."""
-    unet_lr_horizon: int = 0
-    """Length of the denoiser's cosine learning-rate schedule; 0 means ``unet_steps``.
+    unet_lr_horizon: int = 2600
+    """Length of the denoiser's cosine learning-rate schedule; a value below ``unet_steps``
+    (0 included) means ``unet_steps``. The default is the shipped model's.
 
     A horizon longer than ``unet_steps`` stops training part-way down the schedule, at a
     learning rate that is still high: the model is caught mid-way through learning, with
@@ -122,7 +123,7 @@ def reconstruction_fidelity(vae, pixels: torch.Tensor, prompts: list[str], count
 def train_denoiser(unet, text_encoder, tokenizer, noise_scheduler, latents, prompts, args: PretrainArgs, generator, on_snapshot=None) -> dict:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, args.unet_lr_horizon or args.unet_steps, 100))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, max(args.unet_lr_horizon, args.unet_steps), 100))
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     alphas_cumprod = noise_scheduler.alphas_cumprod
@@ -204,7 +205,7 @@ def pretrain(args: PretrainArgs) -> dict:
         "seed": args.seed,
         "vae_steps": args.vae_steps,
         "unet_steps": args.unet_steps,
-        "unet_lr_horizon": args.unet_lr_horizon or args.unet_steps,
+        "unet_lr_horizon": max(args.unet_lr_horizon, args.unet_steps),
         "train_images": len(prompts),
         "vae/reconstruction_fidelity": recon,
         "vae/scaling_factor": scaling_factor,
