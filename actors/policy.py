@@ -234,7 +234,11 @@ class DiffusionPolicy:
             )
         # low_cpu_mem_usage: modules are created on the meta device and filled straight from the
         # memory-mapped safetensors, so host RAM never holds a random init next to the real weights.
+        # On a GPU, device_map streams each tensor from the file (the node's shared page cache) to
+        # the device: learner workers of one node do not each build a host copy of the model.
         common = {"torch_dtype": torch_dtype, "use_safetensors": True, "low_cpu_mem_usage": True}
+        if torch_device.type == "cuda":
+            common["device_map"] = str(torch_device)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
         vae, text_encoders, tokenizers = None, [], []
         if not unet_only:

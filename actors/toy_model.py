@@ -191,20 +191,26 @@ Variant = Literal["sd15", "sd2-v", "sdxl"]
 VARIANTS: tuple[str, ...] = ("sd15", "sd2-v", "sdxl")
 
 
+_TINY_SD2_STYLE_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+}
+"""What the tiny SD 2.x and SDXL UNets share: SD 2.x and SDXL both use linear attention projections and per-block head counts."""
+
+
 def _build_tiny_sd2(directory: Path) -> Path:
     """SD 2.x's distinguishing traits, tiny: v-prediction, linear attention projections, per-block head dims."""
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **_TINY_SD2_STYLE_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        norm_num_groups=8,
     )
     vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)
     text_encoder = build_text_encoder(hidden_size=32, num_layers=2, num_heads=2)
@@ -215,22 +221,15 @@ def _build_tiny_sdxl(directory: Path) -> Path:
     """SDXL base's layout, tiny: two text encoders (features concatenated), pooled projection and time-id embedding."""
     hidden, projection, time_dim = 16, 16, 8
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **_TINY_SD2_STYLE_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=2 * hidden,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         # Six time ids (original size, crop corner, target size) of time_dim features each, plus the pooled text projection.
         projection_class_embeddings_input_dim=6 * time_dim + projection,
-        norm_num_groups=8,
     )
     vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)
     vae.register_to_config(force_upcast=True)

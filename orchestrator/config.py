@@ -727,7 +727,7 @@ class ServeConfig:
     """
 
     model: str | None = None
-    """Local diffusers pipeline directory in Stable Diffusion 1.5 format; null = the
+    """Local diffusers pipeline directory (SD 1.x/2.x or SDXL); null = the
     embedded toy model."""
 
     lora: str | None = None

@@ -8,6 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded, ever
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run where CUDA is; elsewhere they are reported as skipped, never silently dropped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised SD-1.5-format pipeline directory (a few hundred kB)."""
