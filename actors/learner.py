@@ -73,7 +73,8 @@ class Learner:
         self.world_size = world_size
         self.seed = seed
         torch.manual_seed(seed)  # identical adapter init on every rank (DeepSpeed also broadcasts rank 0's)
-        self.policy: DiffusionPolicy = load_policy(model)
+        # Trajectories carry their prompt embeddings: the learner needs neither the VAE nor the text encoders.
+        self.policy: DiffusionPolicy = load_policy(model, unet_only=True)
         self.algorithm = get_algorithm(train.algorithm)
         self.params = AlgorithmParams(clip_range=train.clip_range, beta=train.beta)
         self.uses_reference = needs_reference(train.algorithm)
@@ -139,6 +140,8 @@ class Learner:
         adv = as_tensor(np.asarray(advantages, dtype=np.float32))  # (batch,)
         embeds = as_tensor(shard.prompt_embeds)
         negative = as_tensor(shard.negative_prompt_embeds)
+        pooled = shard.tensor("pooled_prompt_embeds")  # (batch, dim) for SDXL, else None
+        negative_pooled = shard.tensor("negative_pooled_prompt_embeds")
         timesteps = as_tensor(shard.timesteps)
         prev_timesteps = as_tensor(shard.prev_timesteps)
         ref = as_tensor(ref_means) if ref_means is not None else None
@@ -162,6 +165,8 @@ class Learner:
                         prev_timesteps=prev_timesteps[j],
                         prompt_embeds=embeds[r],
                         negative_prompt_embeds=negative,
+                        pooled_prompt_embeds=None if pooled is None else pooled[r],
+                        negative_pooled_prompt_embeds=negative_pooled,
                         guidance_scale=shard.guidance_scale,
                         eta=shard.eta,
                         reduction=self.log_prob_reduction,

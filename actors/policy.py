@@ -1,8 +1,10 @@
-"""The diffusion policy: an SD-1.5-format pipeline as a stochastic policy over denoising steps.
+"""The diffusion policy: a Stable Diffusion pipeline as a stochastic policy over denoising steps.
 
-One code path loads any Stable-Diffusion-1.5-format pipeline directory from a local
-path: the embedded toy model or a real SD 1.5 checkpoint. The UNet is fine-tuned with
-LoRA (peft) or fully; the VAE and text encoder stay frozen.
+One code path loads a local diffusers pipeline directory of any supported family
+(:mod:`actors.pipelines`: SD 1.x/2.x with epsilon or v-prediction, SDXL): the embedded
+toy model or a real checkpoint. The UNet is fine-tuned with LoRA (peft) or fully; the
+VAE and text encoders stay frozen, and learners and reference actors do not load them
+at all (``unet_only``): they read the prompt embeddings the rollout actors recorded.
 
 ``sample`` records every transition's latents, timestep and Gaussian log-probability;
 ``log_prob`` recomputes the same quantities under the current weights for given
@@ -21,9 +23,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from actors import ddim
+from actors import ddim, pipelines
+from actors.pipelines import PromptEmbeddings
 from actors.trajectory import Trajectories, as_tensor
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,6 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name, so ``StableDiffusionPipeline.load_lora_weights(dir)`` reads our adapters too."""
 LORA_CONFIG_NAME = "adapter_config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,14 +49,20 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
     """Fail early, naming what is missing, when ``path`` is not a usable pipeline directory."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"model path {str(path)!r} is not a directory; give a local diffusers pipeline directory (SD 1.5 format)")
-    missing = [name for name in _REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+        state = "does not exist" if not path.exists() else "is not a directory"
+        raise ValueError(
+            f"model path {str(path)!r} {state}: it is not a directory; set model.path (rayalign eval/serve: --model) to a local "
+            "diffusers pipeline directory, e.g. one fetched on a machine with internet access by "
+            "`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` (see README, Bring your own model)"
+        )
+    family = pipelines.detect_family(path)
+    missing = [name for name in family.subfolders if not (path / name).is_dir()]
     if missing:
         raise ValueError(
-            f"model path {str(path)!r} is not a Stable Diffusion pipeline directory: missing {', '.join(m + '/' for m in missing)}; "
-            f"expected subfolders {', '.join(_REQUIRED_SUBFOLDERS)} (as written by StableDiffusionPipeline.save_pretrained)"
+            f"model path {str(path)!r} is not a complete {family.name} pipeline directory: missing {', '.join(m + '/' for m in missing)}; "
+            f"expected subfolders {', '.join(family.subfolders)} (as written by {family.pipeline_classes[0]}.save_pretrained)"
         )
-    for sub in ("unet", "vae", "text_encoder"):
+    for sub in ("unet", "vae", *(encoder for _, encoder in family.text_encoders)):
         weights = list((path / sub).glob("*.safetensors"))
         if not weights:
             found = ", ".join(sorted(p.name for p in (path / sub).iterdir())) or "nothing"
@@ -145,12 +153,33 @@ class DiffusionPolicy:
     Build with :meth:`from_pretrained`. ``unet`` is the only trained module.
     """
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype, lora_config=None):
+    def __init__(
+        self,
+        *,
+        unet,
+        vae,
+        text_encoders: Sequence,
+        tokenizers: Sequence,
+        scheduler,
+        device: torch.device,
+        dtype: torch.dtype,
+        family: pipelines.Family = pipelines.SD,
+        image_size: int | None = None,
+        force_zeros_for_empty_prompt: bool = False,
+        lora_config=None,
+    ):
         self.unet = unet
         self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        """None on a ``unet_only`` policy (learners, reference actors)."""
+        self.text_encoders = tuple(text_encoders)
+        """One per tokenizer; empty on a ``unet_only`` policy."""
+        self.tokenizers = tuple(tokenizers)
         self.scheduler = scheduler
+        self.family = family
+        self.image_size = image_size
+        """Side of the square images in pixels (SDXL's time ids need it)."""
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        """SDXL base: the unconditional branch of CFG sees all-zero embeddings, not the empty caption's."""
         self.device = device
         self.dtype = dtype
         self.lora_config = lora_config
@@ -159,7 +188,12 @@ class DiffusionPolicy:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
         self.prediction_type = scheduler.config.prediction_type
-        self._negative_embeds: torch.Tensor | None = None
+        self._negative_embeds: PromptEmbeddings | None = None
+
+    @property
+    def text_encoder(self):
+        """The first (for SD the only) text encoder; None on a ``unet_only`` policy."""
+        return self.text_encoders[0] if self.text_encoders else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -175,32 +209,77 @@ class DiffusionPolicy:
         dtype: str = "float32",
         device: str = "auto",
         lora_path: str | os.PathLike | None = None,
+        unet_only: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> "DiffusionPolicy":
-        """Load a local SD-1.5-format pipeline; attach a fresh LoRA or one from ``lora_path``."""
+        """Load a local pipeline directory; attach a fresh LoRA or one from ``lora_path``.
+
+        ``unet_only`` skips the VAE and text encoders: such a policy scores and trains on
+        recorded trajectories (which carry their prompt embeddings) but cannot sample.
+        ``gradient_checkpointing`` recomputes UNet activations in the backward pass instead
+        of storing them (less memory, about a third more compute per training pass).
+        """
         path = check_pipeline_dir(path)
+        family = pipelines.detect_family(path)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune {finetune!r} is not supported; choose 'lora' or 'full'")
         torch_dtype = _DTYPES[dtype]
         torch_device = resolve_device(device)
-        common = {"torch_dtype": torch_dtype, "use_safetensors": True}
+        if torch_dtype == torch.float16 and torch_device.type != "cuda":
+            raise ValueError(
+                f"dtype float16 needs a CUDA device, but the model goes to {torch_device}: CPU half-precision kernels are "
+                "missing or slow. Use dtype bfloat16 (CPUs with bf16 support) or float32 on CPU"
+            )
+        # low_cpu_mem_usage: modules are created on the meta device and filled straight from the
+        # memory-mapped safetensors, so host RAM never holds a random init next to the real weights.
+        # On a GPU, device_map streams each tensor from the file (the node's shared page cache) to
+        # the device: learner workers of one node do not each build a host copy of the model.
+        common = {"torch_dtype": torch_dtype, "use_safetensors": True, "low_cpu_mem_usage": True}
+        if torch_device.type == "cuda":
+            common["device_map"] = str(torch_device)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        # Whatever scheduler the checkpoint ships (SD 1.5 ships PNDM), sampling is DDIM with its noise schedule.
+        vae, text_encoders, tokenizers = None, [], []
+        if not unet_only:
+            # A VAE marked force_upcast (SDXL's) overflows in float16: it decodes in float32.
+            vae_config = AutoencoderKL.load_config(path, subfolder="vae")
+            vae_dtype = torch.float32 if torch_dtype == torch.float16 and vae_config.get("force_upcast") else torch_dtype
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
+            for index, (tokenizer_dir, encoder_dir) in enumerate(family.text_encoders):
+                # SDXL's second encoder also has the text projection that gives the pooled embedding.
+                encoder_cls = CLIPTextModelWithProjection if family is pipelines.SDXL and index == 1 else CLIPTextModel
+                text_encoders.append(encoder_cls.from_pretrained(path, subfolder=encoder_dir, **common))
+                tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder=tokenizer_dir))
+            if family is pipelines.SDXL:
+                pipelines.check_added_conditioning(unet.config, pooled_dim=text_encoders[1].config.projection_dim)
+        # Whatever scheduler the checkpoint ships (SD 1.5 ships PNDM, SDXL Euler), sampling is DDIM with its noise schedule.
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-            module.to(torch_device).eval()
-        policy = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, device=torch_device, dtype=torch_dtype)
+        for module in (unet, vae, *text_encoders):
+            if module is not None:
+                module.requires_grad_(False)
+                module.to(torch_device).eval()
+        options = pipelines.read_pipeline_options(path)
+        policy = cls(
+            unet=unet,
+            vae=vae,
+            text_encoders=text_encoders,
+            tokenizers=tokenizers,
+            scheduler=scheduler,
+            device=torch_device,
+            dtype=torch_dtype,
+            family=family,
+            image_size=unet.config.sample_size * pipelines.vae_scale_factor(path),
+            force_zeros_for_empty_prompt=bool(options.get("force_zeros_for_empty_prompt", False)),
+        )
         if lora_path is not None:
             policy.load_lora(lora_path)
         elif finetune == "lora":
             policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
         else:
             unet.requires_grad_(True)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         return policy
 
     def add_lora(self, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0) -> None:
@@ -265,41 +344,66 @@ class DiffusionPolicy:
         self.load_lora_state_dict(state_dict)
 
     # ------------------------------------------------------------------ text and pixels
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states. (batch, tokens, dim) float32."""
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].float()
+    def _require_decoders(self, what: str) -> None:
+        if self.vae is None or not self.text_encoders:
+            raise ValueError(
+                f"this policy was loaded with unet_only=True (no VAE or text encoders), so it cannot {what}; "
+                "load it without unet_only (rollout actors do)"
+            )
 
-    def negative_embeds(self) -> torch.Tensor:
-        """Embedding of the empty caption, computed once. (tokens, dim) float32."""
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """The UNet's conditioning for each caption: embeds (batch, tokens, dim), and for SDXL pooled (batch, dim); float32."""
+        self._require_decoders("encode prompts")
+        return pipelines.encode_prompts(self.family, self.tokenizers, self.text_encoders, prompts, device=self.device)
+
+    def negative_embeds(self) -> PromptEmbeddings:
+        """The unconditional branch of CFG, computed once: embeds (tokens, dim), pooled (dim,) or None."""
         if self._negative_embeds is None:
-            self._negative_embeds = self.encode_prompts([""])[0]
+            empty = self.encode_prompts([""])
+            if self.force_zeros_for_empty_prompt:
+                empty = PromptEmbeddings(embeds=torch.zeros_like(empty.embeds), pooled=torch.zeros_like(empty.pooled))
+            self._negative_embeds = PromptEmbeddings(embeds=empty.embeds[0], pooled=None if empty.pooled is None else empty.pooled[0])
         return self._negative_embeds
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents x_0 -> images. (batch, H, W, 3) uint8."""
+        self._require_decoders("decode latents")
         scaled = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
         pixels = self.vae.decode(scaled).sample.float()
         return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     # ------------------------------------------------------------------ the policy
-    def _model_output(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The (guided) network output for a batch; one UNet call with [uncond; cond] when guiding."""
-        # Inputs follow the frozen weights' dtype; LoRA weights are fp32 and peft casts for them.
-        unet_dtype = self.dtype
+    def _unet(self, latents: torch.Tensor, timesteps: torch.Tensor, condition: PromptEmbeddings) -> torch.Tensor:
+        """One UNet call in the frozen weights' dtype (LoRA weights are fp32; peft casts for them); output float32."""
+        added = None
+        if self.family is pipelines.SDXL:
+            if condition.pooled is None:
+                raise ValueError("an SDXL policy needs pooled prompt embeddings; these trajectories were recorded without them")
+            time_ids = pipelines.add_time_ids(height=self.image_size, width=self.image_size).to(self.device)
+            added = {"text_embeds": condition.pooled.to(self.dtype), "time_ids": time_ids.expand(latents.shape[0], -1).to(self.dtype)}
+        output = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=condition.embeds.to(self.dtype), added_cond_kwargs=added)
+        return output.sample.float()
+
+    def _model_output(self, latents: torch.Tensor, timesteps: torch.Tensor, condition: PromptEmbeddings, negative: PromptEmbeddings, guidance_scale: float) -> torch.Tensor:
+        """The (guided) network output for a batch; one UNet call with [uncond; cond] when guiding.
+
+        ``negative`` may hold one row (shared by the batch) or one per sample.
+        """
         if guidance_scale == 1.0:
-            return self.unet(latents.to(unet_dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet_dtype)).sample.float()
+            return self._unet(latents, timesteps, condition)
         batch = latents.shape[0]
-        negative = negative_embeds.expand(batch, *negative_embeds.shape[-2:]) if negative_embeds.ndim == 2 else negative_embeds
-        output = self.unet(
-            torch.cat([latents, latents]).to(unet_dtype),
-            torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([negative, prompt_embeds]).to(unet_dtype),
-        ).sample.float()
+
+        def rows(tensor: torch.Tensor | None, per_sample: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or per_sample is None:
+                return None
+            return tensor.expand(batch, *tensor.shape) if tensor.ndim < per_sample.ndim else tensor
+
+        both = PromptEmbeddings(
+            embeds=torch.cat([rows(negative.embeds, condition.embeds), condition.embeds]),
+            pooled=None if condition.pooled is None else torch.cat([rows(negative.pooled, condition.pooled), condition.pooled]),
+        )
+        output = self._unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
         unconditional, conditional = output.chunk(2)
         return ddim.guided_output(unconditional, conditional, guidance_scale)
 
@@ -335,14 +439,14 @@ class DiffusionPolicy:
         timestep_list = ddim.inference_timesteps(self.scheduler, num_steps)
         timesteps = torch.tensor(timestep_list, dtype=torch.long)
         prev_timesteps = ddim.previous_timesteps(timesteps, num_train_timesteps=self.scheduler.config.num_train_timesteps, num_inference_steps=num_steps)
-        prompt_embeds = self.encode_prompts(prompts)
+        condition = self.encode_prompts(prompts)
         negative = self.negative_embeds()
 
         all_latents = [latents]
         log_probs = []
         for t, t_prev in zip(timesteps.tolist(), prev_timesteps.tolist()):
             t_batch = torch.full((batch,), t, dtype=torch.long, device=self.device)
-            output = self._model_output(latents, t_batch, prompt_embeds, negative, guidance_scale)
+            output = self._model_output(latents, t_batch, condition, negative, guidance_scale)
             noise = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators]).to(self.device)
             step = ddim.ddim_step_with_log_prob(
                 model_output=output,
@@ -366,8 +470,10 @@ class DiffusionPolicy:
             timesteps=timesteps.numpy(),
             prev_timesteps=prev_timesteps.numpy(),
             log_probs=torch.stack(log_probs, dim=1).cpu().numpy(),  # (batch, steps)
-            prompt_embeds=prompt_embeds.cpu().numpy(),
-            negative_prompt_embeds=negative.cpu().numpy(),
+            prompt_embeds=condition.embeds.cpu().numpy(),
+            negative_prompt_embeds=negative.embeds.cpu().numpy(),
+            pooled_prompt_embeds=None if condition.pooled is None else condition.pooled.cpu().numpy(),
+            negative_pooled_prompt_embeds=None if negative.pooled is None else negative.pooled.cpu().numpy(),
             seeds=np.asarray(seeds, dtype=np.int64),
             guidance_scale=float(guidance_scale),
             eta=float(eta),
@@ -389,15 +495,25 @@ class DiffusionPolicy:
         guidance_scale: float,
         eta: float,
         reduction: ddim.Reduction = "mean",
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> ddim.StepOutput:
         """Recompute log p_theta(x_{t_prev} | x_t, c) for given transitions under the current weights.
 
         Shapes: latents/next_latents (batch, C, H, W); timesteps/prev_timesteps (batch,);
-        prompt_embeds (batch, tokens, dim). Differentiable in the trainable weights.
+        prompt_embeds (batch, tokens, dim); negative_prompt_embeds (tokens, dim) or per
+        sample; SDXL also pooled_prompt_embeds (batch, dim) and negative_pooled_prompt_embeds
+        (dim,). Differentiable in the trainable weights.
         """
         latents = latents.to(self.device)
         timesteps = timesteps.to(self.device)
-        output = self._model_output(latents, timesteps, prompt_embeds.to(self.device), negative_prompt_embeds.to(self.device), guidance_scale)
+
+        def on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(self.device)
+
+        condition = PromptEmbeddings(embeds=prompt_embeds.to(self.device), pooled=on_device(pooled_prompt_embeds))
+        negative = PromptEmbeddings(embeds=negative_prompt_embeds.to(self.device), pooled=on_device(negative_pooled_prompt_embeds))
+        output = self._model_output(latents, timesteps, condition, negative, guidance_scale)
         return ddim.ddim_step_with_log_prob(
             model_output=output,
             sample=latents,
@@ -421,11 +537,13 @@ class DiffusionPolicy:
         log_probs = np.zeros((batch, steps), dtype=np.float32)
         means = np.zeros((batch, steps, *trajectories.latents.shape[2:]), dtype=np.float32)
         negative = as_tensor(trajectories.negative_prompt_embeds)
+        negative_pooled = trajectories.tensor("negative_pooled_prompt_embeds")
         with torch.no_grad():
             for start in range(0, batch, batch_size):
                 rows = slice(start, start + batch_size)
                 latents = as_tensor(trajectories.latents[rows])
                 embeds = as_tensor(trajectories.prompt_embeds[rows])
+                pooled = trajectories.tensor("pooled_prompt_embeds", rows)
                 n = latents.shape[0]
                 for j in range(steps):
                     out = self.log_prob(
@@ -435,6 +553,8 @@ class DiffusionPolicy:
                         prev_timesteps=torch.full((n,), int(trajectories.prev_timesteps[j]), dtype=torch.long),
                         prompt_embeds=embeds,
                         negative_prompt_embeds=negative,
+                        pooled_prompt_embeds=pooled,
+                        negative_pooled_prompt_embeds=negative_pooled,
                         guidance_scale=trajectories.guidance_scale,
                         eta=trajectories.eta,
                         reduction=reduction,
@@ -447,17 +567,18 @@ class DiffusionPolicy:
         """Recompute every recorded transition's log-prob, in batches of ``batch_size`` samples. (batch, steps)."""
         return self.replay(trajectories, batch_size=batch_size, reduction=reduction)[0]
 
-def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable: bool = True) -> DiffusionPolicy:
+def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable: bool = True, unet_only: bool = False) -> DiffusionPolicy:
     """Build a policy from a :class:`orchestrator.config.ModelConfig` section.
 
     ``trainable=False`` loads the frozen base model (the reference policy): no adapter,
-    no gradients.
+    no gradients. ``unet_only`` leaves out the VAE and text encoders (learners and
+    reference actors work from recorded trajectories, which carry prompt embeddings).
     """
     from actors.toy_model import embedded_model_path
 
     path = model.path or embedded_model_path()
     if not trainable:
-        policy = DiffusionPolicy.from_pretrained(path, finetune="full", dtype=model.dtype, device=model.device)
+        policy = DiffusionPolicy.from_pretrained(path, finetune="full", dtype=model.dtype, device=model.device, unet_only=unet_only)
         policy.unet.requires_grad_(False)
         return policy
     return DiffusionPolicy.from_pretrained(
@@ -470,4 +591,6 @@ def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable:
         dtype=model.dtype,
         device=model.device,
         lora_path=lora_path,
+        unet_only=unet_only,
+        gradient_checkpointing=model.gradient_checkpointing,
     )

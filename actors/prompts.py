@@ -9,7 +9,16 @@ from actors import toy_world
 
 logger = logging.getLogger(__name__)
 
+ANIMALS = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+)
+"""The 45 common animal names DDPO trains its aesthetic and compressibility runs on (Black et al. 2023, sec. 6)."""
+
 BUILTIN_PROMPT_SETS = {
+    "animals": lambda: list(ANIMALS),
     "toy-train": toy_world.train_prompts,
     "toy-heldout": toy_world.held_out_prompts,
     "toy-all": lambda: [p.caption for p in toy_world.all_prompts()],

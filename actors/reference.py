@@ -14,7 +14,8 @@ class ReferenceWorker:
 
     def __init__(self, model, *, num_threads: int = 1):
         torch.set_num_threads(num_threads)
-        self.policy = load_policy(model, trainable=False)
+        # Replay reads the recorded prompt embeddings, so only the UNet is loaded.
+        self.policy = load_policy(model, trainable=False, unet_only=True)
 
     def reference_means(self, trajectories: Trajectories) -> np.ndarray:
         """(batch, steps, C, H, W) float32 means of the reference policy's Gaussians."""

@@ -6,7 +6,9 @@ The toy model is an ordinary Stable-Diffusion-1.5-format pipeline directory
 an 8 x 8 x 4 latent, denoised by a ``UNet2DConditionModel`` that cross-attends to a
 two-layer ``CLIPTextModel``. Everything here builds *untrained* components; the
 pretraining job (:mod:`actors.toy_pretrain`) trains and saves them. Tests use the same
-builders with smaller widths to make tiny random pipelines.
+builders with smaller widths to make tiny random pipelines, and
+:func:`build_random_pipeline` also makes tiny random pipelines of the other supported
+families (SD 2.x with v-prediction, SDXL) in their real directory layouts.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from typing import Literal
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from actors import toy_world
 
@@ -82,10 +86,10 @@ def save_tokenizer(tokenizer: CLIPTokenizer, directory: str | os.PathLike) -> No
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
-def build_text_encoder(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, vocab_size: int | None = None) -> CLIPTextModel:
+def _text_config(*, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int | None, projection_dim: int | None = None) -> CLIPTextConfig:
     if vocab_size is None:
         vocab_size = len(_bpe_vocab(grammar_words())[0])
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
@@ -95,8 +99,12 @@ def build_text_encoder(*, hidden_size: int = 64, num_layers: int = 2, num_heads:
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        projection_dim=projection_dim or hidden_size,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, vocab_size: int | None = None) -> CLIPTextModel:
+    return CLIPTextModel(_text_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size))
 
 
 def build_vae(*, block_out_channels: tuple[int, ...] = (16, 32, 32), norm_num_groups: int = 8) -> AutoencoderKL:
@@ -139,8 +147,8 @@ def build_unet(
     )
 
 
-def build_scheduler() -> DDIMScheduler:
-    """Stable Diffusion 1.5's noise schedule, so the toy and real models share sampling code."""
+def build_scheduler(*, prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion 1.5's noise schedule (also SD 2.x's and SDXL's), so the toy and real models share sampling code."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -149,7 +157,7 @@ def build_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
@@ -179,9 +187,84 @@ def save_pipeline(
     return directory
 
 
-def build_random_pipeline(directory: str | os.PathLike, *, seed: int = 0, tiny: bool = True) -> Path:
-    """Save a randomly initialised SD-format pipeline (for tests and smoke runs)."""
+Variant = Literal["sd15", "sd2-v", "sdxl"]
+VARIANTS: tuple[str, ...] = ("sd15", "sd2-v", "sdxl")
+
+
+_TINY_SD2_STYLE_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+}
+"""What the tiny SD 2.x and SDXL UNets share: SD 2.x and SDXL both use linear attention projections and per-block head counts."""
+
+
+def _build_tiny_sd2(directory: Path) -> Path:
+    """SD 2.x's distinguishing traits, tiny: v-prediction, linear attention projections, per-block head dims."""
+    unet = UNet2DConditionModel(
+        **_TINY_SD2_STYLE_UNET,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    text_encoder = build_text_encoder(hidden_size=32, num_layers=2, num_heads=2)
+    return save_pipeline(directory, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), scheduler=build_scheduler(prediction_type="v_prediction"))
+
+
+def _build_tiny_sdxl(directory: Path) -> Path:
+    """SDXL base's layout, tiny: two text encoders (features concatenated), pooled projection and time-id embedding."""
+    hidden, projection, time_dim = 16, 16, 8
+    unet = UNet2DConditionModel(
+        **_TINY_SD2_STYLE_UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * hidden,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # Six time ids (original size, crop corner, target size) of time_dim features each, plus the pooled text projection.
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    vae.register_to_config(force_upcast=True)
+    text_encoder = CLIPTextModel(_text_config(hidden_size=hidden, num_layers=2, num_heads=2, vocab_size=None))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(hidden_size=hidden, num_layers=2, num_heads=2, vocab_size=None, projection_dim=projection))
+    directory = Path(directory)
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=build_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        save_tokenizer(build_tokenizer(), directory / sub)
+    return directory
+
+
+def build_random_pipeline(directory: str | os.PathLike, *, seed: int = 0, tiny: bool = True, variant: Variant = "sd15") -> Path:
+    """Save a randomly initialised pipeline (for tests and smoke runs).
+
+    ``variant``: "sd15" (the toy model's architecture), "sd2-v" (SD 2.x traits, v-prediction)
+    or "sdxl" (SDXL base's components); the last two are always tiny.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
     torch.manual_seed(seed)
+    if variant == "sd2-v":
+        return _build_tiny_sd2(Path(directory))
+    if variant == "sdxl":
+        return _build_tiny_sdxl(Path(directory))
     if tiny:
         unet = build_unet(block_out_channels=(16, 32), cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
         vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)

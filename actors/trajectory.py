@@ -44,6 +44,17 @@ class Trajectories:
     num_inference_steps: int
     policy_version: int = 0
     """Weights version that sampled these; the learner compares it with its own."""
+    pooled_prompt_embeds: np.ndarray | None = None
+    """SDXL: the second text encoder's pooled projection per caption. (batch, dim) float32; None for SD."""
+    negative_pooled_prompt_embeds: np.ndarray | None = None
+    """SDXL: the same for the unconditional branch. (dim,) float32; None for SD."""
+
+    def tensor(self, name: str, rows: slice | np.ndarray | None = None) -> torch.Tensor | None:
+        """An optional array field as a tensor (``rows`` of it if given), None when absent."""
+        array = getattr(self, name)
+        if array is None:
+            return None
+        return as_tensor(array if rows is None else array[rows])
 
     @property
     def batch_size(self) -> int:
@@ -62,6 +73,7 @@ class Trajectories:
             latents=self.latents[index],
             log_probs=self.log_probs[index],
             prompt_embeds=self.prompt_embeds[index],
+            pooled_prompt_embeds=None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds[index],
             seeds=self.seeds[index],
         )
 
@@ -74,12 +86,16 @@ class Trajectories:
         for part in parts[1:]:
             if not np.array_equal(part.timesteps, first.timesteps) or (part.guidance_scale, part.eta) != (first.guidance_scale, first.eta):
                 raise ValueError("trajectories sampled with different timesteps, guidance or eta cannot be concatenated")
+            if (part.pooled_prompt_embeds is None) != (first.pooled_prompt_embeds is None):
+                raise ValueError("trajectories with and without pooled prompt embeddings (SDXL and SD models) cannot be concatenated")
+        pooled = None if first.pooled_prompt_embeds is None else np.concatenate([p.pooled_prompt_embeds for p in parts])
         return dataclasses.replace(
             first,
             prompts=[p for part in parts for p in part.prompts],
             latents=np.concatenate([p.latents for p in parts]),
             log_probs=np.concatenate([p.log_probs for p in parts]),
             prompt_embeds=np.concatenate([p.prompt_embeds for p in parts]),
+            pooled_prompt_embeds=pooled,
             seeds=np.concatenate([p.seeds for p in parts]),
             policy_version=min(p.policy_version for p in parts),
         )

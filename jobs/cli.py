@@ -22,9 +22,9 @@ def _add_eval(subparsers) -> None:
 
     defaults = SamplingConfig()
     p = subparsers.add_parser("eval", help="score a model (optionally with a LoRA) on a prompt file")
-    p.add_argument("--model", help="local SD-1.5-format pipeline directory (default: the embedded toy model)")
+    p.add_argument("--model", help="local diffusers pipeline directory: SD 1.x/2.x or SDXL (default: the embedded toy model)")
     p.add_argument("--lora", help="LoRA adapter: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line; or a built-in set: toy-train, toy-heldout, toy-all")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line; or a built-in set: animals, toy-train, toy-heldout, toy-all")
     p.add_argument("--reward", required=True, action="append", help="reward name (repeat to sum several), NAME=WEIGHT, or module:function")
     p.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="option of a model or http reward, e.g. --reward-option aesthetic.weights=/models/aesthetic (repeatable; VALUE is YAML)")
@@ -133,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="run (or resume) distributed DDPO/DPOK training")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, quickstart")
+    source.add_argument("--preset", help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, quickstart; on GPUs with your weights: sd15-aesthetic-ddpo, sd15-imagereward-dpok, sdxl-pickscore-grpo")
     source.add_argument("--config", help="a YAML config file")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields, e.g. --set train.epochs=5 learner.learning_rate=1e-4 (repeatable)")
     p.add_argument("--output-dir", required=True, help="run directory: config.yaml, metrics.jsonl, tensorboard/, images/, checkpoints/")
@@ -215,7 +215,7 @@ def _add_server_flags(p) -> None:
     """Flags that build a :class:`~orchestrator.config.ServeConfig` (shared by serve and bench serve)."""
     p.add_argument("--config", help="a YAML ServeConfig (limits, batching, scaling, ...); flags below override it")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override ServeConfig fields, e.g. --set limits.max_n=8 batching.max_batch_size=8 (repeatable)")
-    p.add_argument("--model", help="local SD-1.5-format pipeline directory (default: the embedded toy model)")
+    p.add_argument("--model", help="local diffusers pipeline directory: SD 1.x/2.x or SDXL (default: the embedded toy model)")
     p.add_argument("--lora", help="LoRA to serve: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory")
     p.add_argument("--replicas", type=int, help="number of replicas, each with a copy of the model (default 1)")
     p.add_argument("--max-batch-size", type=int, help="most images per denoising batch (default 16)")

@@ -183,9 +183,11 @@ class ModelConfig:
     """Which diffusion model to align, and which of its weights are trained."""
 
     path: str | None = None
-    """Local diffusers pipeline directory in Stable Diffusion 1.5 format (unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/). null = the embedded toy model. Nothing is
-    downloaded: a hub id is not accepted at run time."""
+    """Local diffusers pipeline directory: Stable Diffusion 1.x/2.x (unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/; epsilon or v-prediction) or SDXL base (also
+    text_encoder_2/, tokenizer_2/). null = the embedded toy model. Nothing is downloaded:
+    a hub id is not accepted at run time. A missing directory fails before any actor
+    starts, naming the path."""
 
     finetune: Literal["lora", "full"] = "lora"
     """"lora": train only LoRA adapters on the UNet (see ``lora``); "full": train every
@@ -195,8 +197,15 @@ class ModelConfig:
     """Adapter settings; ignored when ``finetune`` is "full"."""
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Dtype of the frozen weights and of sampling; one of float32, float16, bfloat16.
-    Use float32 on CPU (half precision is slow or unsupported there)."""
+    """Dtype of the frozen weights and of the UNet's forward passes; one of float32,
+    float16, bfloat16. Trainable weights (LoRA, or the whole UNet with finetune: full),
+    optimizer state and all log-prob maths stay float32 whatever this is. float16 needs a
+    CUDA device (an error on CPU); on CPU use float32, or bfloat16 where the CPU has it."""
+
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass instead of keeping them:
+    much less learner memory for about a third more learner compute. Needed for SDXL and
+    for SD 1.5 micro-batches above ~8 on 24 GB GPUs (see docs/gpu-memory.md)."""
 
     device: str = "auto"
     """Where actors put the model: "auto" (cuda if available, else cpu), "cpu", "cuda"
@@ -724,7 +733,7 @@ class ServeConfig:
     """
 
     model: str | None = None
-    """Local diffusers pipeline directory in Stable Diffusion 1.5 format; null = the
+    """Local diffusers pipeline directory (SD 1.x/2.x or SDXL); null = the
     embedded toy model."""
 
     lora: str | None = None

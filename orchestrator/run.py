@@ -62,17 +62,17 @@ def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[
 
 def _check_names(cfg: Config) -> None:
     """Fail before any actor starts on names that only actors would otherwise resolve."""
+    from actors.policy import check_pipeline_dir
     from actors.prompts import read_prompts
     from actors.rewards import build_reward_from_config
 
+    # The model first: a preset's placeholder model path is the first thing a user must set.
+    if cfg.model.path is not None:
+        check_pipeline_dir(cfg.model.path)
     build_reward_from_config(cfg.reward).check()
     read_prompts(cfg.train.prompts)
     if cfg.train.eval_every:
         read_prompts(cfg.train.eval_prompts)
-    if cfg.model.path is not None:
-        from actors.policy import check_pipeline_dir
-
-        check_pipeline_dir(cfg.model.path)
 
 
 def connect(address: str | None, num_cpus: int | None) -> None:

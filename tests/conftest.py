@@ -8,6 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded, ever
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run where CUDA is; elsewhere they are reported as skipped, never silently dropped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised SD-1.5-format pipeline directory (a few hundred kB)."""
@@ -37,3 +49,16 @@ def scoring_server():
 def reward_options(tiny_reward_models, scoring_server):
     """Options that make every configured reward runnable here, by reward name."""
     return {**tiny_reward_models.options(), "http": {"url": scoring_server.url, "timeout_s": 10, "batch_size": 3}}
+
+
+@pytest.fixture(scope="session")
+def family_pipeline_dirs(tiny_pipeline_dir, tmp_path_factory):
+    """Tiny random pipelines of every supported family, saved to disk, by variant name."""
+    from actors.toy_model import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {
+        "sd15": tiny_pipeline_dir,
+        "sd2-v": build_random_pipeline(root / "sd2-v", seed=1, variant="sd2-v"),
+        "sdxl": build_random_pipeline(root / "sdxl", seed=2, variant="sdxl"),
+    }

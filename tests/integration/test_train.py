@@ -153,3 +153,20 @@ def test_group_sampling_repeats_each_prompt_and_normalises_within_groups(ray_clu
     train(tiny_config(tiny_pipeline_dir, **{"train.samples_per_prompt": 4, "train.advantage": "group", "train.epochs": 1}), run, progress=False)
     (m,) = read_metrics(run)
     assert 0 <= m["advantages/zero_spread_groups"] <= 2
+
+
+def test_sdxl_trains_end_to_end_with_pooled_embeddings_shipped_to_learner_and_reference(ray_cluster, family_pipeline_dirs, tmp_path):
+    sdxl = family_pipeline_dirs["sdxl"]
+    run = tmp_path / "run"
+    train(tiny_config(sdxl, **{"train.epochs": 1, "train.algorithm": "dpok"}), run, progress=False)
+    (metrics,) = read_metrics(run)
+    # The UNet-only learner re-scored the rollout's SDXL trajectories exactly, and the reference pool's KL is real.
+    assert metrics["policy/onpolicy_gap"] < 1e-4
+    assert np.isfinite(metrics["kl/mean"]) and metrics["kl/mean"] > 0
+    from actors.policy import DiffusionPolicy, resolve_lora_dir
+
+    trained = final_lora(run)
+    assert trained and all(np.isfinite(v).all() for v in trained.values())
+    policy = DiffusionPolicy.from_pretrained(sdxl, lora_path=resolve_lora_dir(run), device="cpu")
+    _, images = policy.sample(["a red circle on the left"], seeds=[0], num_steps=2)
+    assert images.shape == (1, 32, 32, 3)

@@ -9,11 +9,41 @@ def test_the_promised_presets_exist():
     assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "quickstart"} <= set(preset_names())
 
 
+GPU_PRESETS = ["sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo"]
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_preset_loads_and_splits_evenly(name):
     cfg = load_preset(name)
     assert cfg.train.samples_per_epoch % (cfg.learner.num_workers * cfg.learner.micro_batch_size) == 0
-    assert cfg.model.path is None  # the toy presets run on the embedded model
+    if name not in GPU_PRESETS:
+        assert cfg.model.path is None  # the toy presets run on the embedded model
+
+
+def test_real_model_presets_validate_without_weights_and_ask_for_gpus():
+    assert set(GPU_PRESETS) <= set(preset_names())
+    for name in GPU_PRESETS:
+        cfg = load_preset(name)
+        assert cfg.model.path and cfg.model.dtype in ("float16", "bfloat16") and cfg.model.gradient_checkpointing
+        assert cfg.learner.num_gpus_per_worker >= 1 and cfg.pools.rollout.num_gpus >= 1 and cfg.pools.reward.num_gpus > 0
+        if cfg.pools.reference.num_actors:
+            assert cfg.pools.reference.num_gpus > 0
+    ddpo, dpok, grpo = (load_preset(name) for name in GPU_PRESETS)
+    assert ddpo.train.algorithm == "ddpo_is" and [c.name for c in ddpo.reward.components] == ["aesthetic"]
+    assert dpok.train.algorithm == "dpok" and dpok.pools.reference.num_actors >= 1 and [c.name for c in dpok.reward.components] == ["imagereward"]
+    assert grpo.train.advantage == "group" and grpo.train.samples_per_prompt > 1 and [c.name for c in grpo.reward.components] == ["pickscore"]
+    assert "xl" in grpo.model.path
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_running_a_real_model_preset_without_its_weights_names_the_missing_path(name, tmp_path):
+    from orchestrator.run import train
+
+    cfg = load_preset(name)
+    # Fails in the pre-flight checks, before Ray or any actor starts.
+    with pytest.raises(ValueError, match=f"model path '{cfg.model.path}' does not exist.*set model.path"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_toy_presets_match_their_names():
