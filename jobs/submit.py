@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120.0
+"""How long to retry while a freshly started cluster has no job agent yet."""
 
 # Flags whose value is a path the job writes to: relative, it would land in the job's
 # temporary copy of the working directory on the cluster and be lost with it.
@@ -171,7 +173,7 @@ def submit(
     token = find_auth_token(os.environ if environ is None else environ, Path.home())
     client = connect(address, token=token)
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env_spec, submission_id=submission_id)
+        job_id = _submit_when_ready(client, entrypoint=entrypoint, runtime_env=env_spec, submission_id=submission_id, out=out)
     except AuthenticationError as error:
         raise ValueError(auth_error_message(address, str(error), token_sent=token is not None)) from None
     except RuntimeError as error:
@@ -189,6 +191,23 @@ def submit(
         return 130
     print(f"job {job_id} {status}" + (f": {message}" if message and status != "SUCCEEDED" else ""), file=out, flush=True)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_when_ready(client, *, entrypoint: str, runtime_env: dict[str, Any], submission_id: str | None, out: TextIO,
+                       timeout_s: float = AGENT_WAIT_S) -> str:
+    """Submit, waiting while a cluster that has just started has no job agent yet."""
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            if not waited:
+                print(f"the cluster's job agent is not up yet; retrying for up to {timeout_s:.0f}s ...", file=out, flush=True)
+                waited = True
+            time.sleep(2.0)
 
 
 async def _print_logs(client, job_id: str, out: TextIO) -> None:
