@@ -26,14 +26,31 @@ search_space:
   learner.learning_rate: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}
   train.clip_range: {choice: [1.0e-4, 1.0e-2]}
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+# One at a time: on 2 cores, trials side by side only compete for them.
+max_concurrent_trials: 1
 """
 
 
-def sweep_process(sweep_file, out, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", "--config", str(sweep_file), "--output-dir", str(out), "--num-cpus", "8", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env, start_new_session=True)
+class Sweep:
+    """``rayalign sweep`` in its own process group (so Ctrl-C reaches all of it), output to a file
+    (a pipe nobody reads while it runs would fill up and block it)."""
+
+    def __init__(self, sweep_file, out, log, *extra):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.pop("RAY_ADDRESS", None)
+        self.log = log
+        with open(log, "w") as handle:
+            self.process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", "--config", str(sweep_file), "--output-dir", str(out), "--num-cpus", "8", *extra],
+                                            stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+
+    def wait(self, timeout):
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode, self.log.read_text()
 
 
 def checkpointed_trials(out):
@@ -46,21 +63,21 @@ def test_sweep_interrupted_resumes_and_picks_the_best_trial(tmp_path):
     out = tmp_path / "sweep"
 
     # Interrupt (Ctrl-C) once the first trial has a checkpoint.
-    first = sweep_process(sweep_file, out)
-    deadline = time.monotonic() + 300
+    first = Sweep(sweep_file, out, tmp_path / "first.log")
+    deadline = time.monotonic() + 600
     while not checkpointed_trials(out):
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline, "no trial wrote a checkpoint in 300 s"
+        if first.process.poll() is not None or time.monotonic() > deadline:
+            returncode, log = first.wait(timeout=0)
+            raise AssertionError(f"no trial wrote a checkpoint (exit status {returncode}):\n{log[-5000:]}")
         time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGINT)
-    log, _ = first.communicate(timeout=120)
+    os.killpg(first.process.pid, signal.SIGINT)
+    returncode, log = first.wait(timeout=180)
     interrupted = {p.name: read_metrics(p) for p in checkpointed_trials(out)}
-    assert first.returncode == 130, log
+    assert returncode == 130, log[-5000:]
     assert "continue it with --resume" in log
 
-    resumed = sweep_process(sweep_file, out, "--resume")
-    log, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, log
+    returncode, log = Sweep(sweep_file, out, tmp_path / "resumed.log", "--resume").wait(timeout=900)
+    assert returncode == 0, log[-5000:]
 
     runs = {p.name: p for p in (out / "trials").iterdir() if ".incomplete-" not in p.name}
     assert len(runs) == 3
