@@ -303,8 +303,8 @@ def sweep(sweep_cfg: SweepConfig, output_dir: str | os.PathLike, *, resume: bool
                 mode=sweep_cfg.mode,
                 num_samples=sweep_cfg.num_samples,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=sweep_cfg.seed),
-                max_concurrent_trials=concurrency,
+                # Tune ignores max_concurrent_trials when given a BasicVariantGenerator: the limit goes here.
+                search_alg=BasicVariantGenerator(random_state=sweep_cfg.seed, max_concurrent=concurrency),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir), verbose=1),

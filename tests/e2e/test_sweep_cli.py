@@ -36,7 +36,8 @@ class Sweep:
     (a pipe nobody reads while it runs would fill up and block it)."""
 
     def __init__(self, sweep_file, out, log, *extra):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # On a busy 2-core machine Ray's agents can take longer to start than the raylet waits by default.
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", RAY_agent_register_timeout_ms="180000")
         env.pop("RAY_ADDRESS", None)
         self.log = log
         with open(log, "w") as handle:
