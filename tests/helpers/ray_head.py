@@ -54,11 +54,15 @@ class RayHead:
         for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
                      "--ray-client-server-port", "--node-manager-port", "--object-manager-port"):
             command += [flag, str(free_port())]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
-        if result.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        return self
+        # On an overloaded machine the raylet can give up waiting for its agents at start-up
+        # (it then exits, and `ray start` fails): start again, from scratch, a few times.
+        for attempt in range(1, 4):
+            result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                return self
+            self.stop(remove=False)
+        self.stop()
+        raise RuntimeError(f"ray start failed {attempt} times; last ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -75,7 +79,7 @@ class RayHead:
                     continue
         return pids
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0, *, remove: bool = True) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.own_pids():
                 try:
@@ -87,4 +91,5 @@ class RayHead:
                 time.sleep(0.2)
             if not self.own_pids():
                 break
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
