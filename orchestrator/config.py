@@ -60,6 +60,8 @@ __all__ = [
     "ServeConfig",
     "ServeLimitsConfig",
     "ServeScalingConfig",
+    "SweepConfig",
+    "SweepSchedulerConfig",
     "TrainConfig",
     "apply_overrides",
     "config_to_yaml",
@@ -782,6 +784,113 @@ class ServeConfig:
                 f"must be >= batching.max_batch_size ({self.batching.max_batch_size}), got {self.scaling.max_ongoing_requests}: "
                 "a replica that accepts fewer requests than a batch holds never fills a batch",
             )
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+"""How a swept field is drawn: ``grid`` (every value, crossed with the other grids),
+``choice`` (one value at random), ``uniform`` / ``loguniform`` ([low, high]) and
+``randint`` ([low, high), integers)."""
+
+# Resources decide how many trials run at once, so they must be the same for every trial.
+_UNSWEEPABLE_PREFIXES = ("pools.", "learner.num_workers", "learner.num_cpus_per_worker", "learner.num_gpus_per_worker")
+
+
+@dataclass(frozen=True)
+class SweepSchedulerConfig:
+    """The trial scheduler: which trials Ray Tune stops early."""
+
+    type: Literal["asha", "none"] = "asha"
+    """"asha" (asynchronous successive halving on the sweep's metric, by epoch) or
+    "none" (every trial runs all its epochs)."""
+
+    grace_period: int = 1
+    """Epochs every trial runs before ASHA may stop it; >= 1."""
+
+    reduction_factor: float = 2.0
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung; > 1."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "grace_period", low=1)
+        _check_range(self, "reduction_factor", low=1, low_open=True)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A hyperparameter sweep (``rayalign sweep``): a base training config and a search
+    space of its fields; every trial is a complete training run."""
+
+    preset: str | None = None
+    """Base training config: a shipped preset (toy-ddpo, toy-dpok, ...). Give this or
+    ``config``."""
+
+    config: str | None = None
+    """Base training config: a YAML file (relative to the sweep file). Give this or
+    ``preset``."""
+
+    set: tuple[str, ...] = ()
+    """``dotted.key=value`` overrides of the base config for every trial, e.g.
+    ``train.epochs=2``."""
+
+    search_space: dict[str, Any] = field(default_factory=dict)
+    """Swept fields by dotted name, each ``{KIND: VALUES}`` with KIND one of grid,
+    choice (a list of values), uniform, loguniform, randint ([low, high]); e.g.
+    ``learner.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}``. Pool and learner
+    resources cannot be swept (they decide how many trials fit at once)."""
+
+    num_samples: int = 1
+    """Trials drawn per grid point (the grid's points are crossed with this); >= 1."""
+
+    metric: str = "reward/mean"
+    """Metric of metrics.jsonl that ranks trials and drives the scheduler."""
+
+    mode: Literal["max", "min"] = "max"
+    """Whether a higher or a lower ``metric`` is better."""
+
+    scheduler: SweepSchedulerConfig = field(default_factory=SweepSchedulerConfig)
+    """Early stopping of poor trials."""
+
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0 = as many as the cluster's resources fit (each trial
+    needs its learners, pools and a small driver)."""
+
+    trial_cpus: float = 0.1
+    """Logical CPUs reserved for each trial's driver (it only coordinates); > 0."""
+
+    seed: int = 0
+    """Seed of the random draws of the search space; >= 0."""
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.config is None):
+            raise _FieldError("preset", f"give exactly one of preset or config, got preset={self.preset!r}, config={self.config!r}")
+        _check_non_empty(self, "search_space", why="name at least one field to sweep, e.g. learner.learning_rate: {grid: [1.0e-4, 3.0e-4]}")
+        for key, spec in self.search_space.items():
+            _check_search_spec(key, spec)
+        _check_range(self, "num_samples", low=1)
+        _check_identifier_like(self, "metric")
+        _check_range(self, "max_concurrent_trials", low=0)
+        _check_positive(self, "trial_cpus")
+        _check_range(self, "seed", low=0)
+
+
+def _check_search_spec(key: str, spec: Any) -> None:
+    where = f"search_space.{key}"
+    if key.startswith(_UNSWEEPABLE_PREFIXES):
+        raise _FieldError(where, "cannot be swept: pool and learner resources decide how many trials fit at once; set them in the base config")
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+        raise _FieldError(where, f"must be a mapping with one key, one of {', '.join(SEARCH_KINDS)}, e.g. {{grid: [1.0e-4, 3.0e-4]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, (list, tuple)) or not values:
+        raise _FieldError(where, f"{kind} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        numbers_ok = len(values) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numbers_ok or not values[0] < values[1]:
+            raise _FieldError(where, f"{kind} needs [low, high] with low < high, got {list(values)!r}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise _FieldError(where, f"loguniform needs low > 0, got {list(values)!r}")
+        if kind == "randint" and not all(isinstance(v, int) for v in values):
+            raise _FieldError(where, f"randint needs integer bounds, got {list(values)!r}")
 
 
 # --------------------------------------------------------------------------- YAML

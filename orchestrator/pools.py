@@ -121,7 +121,10 @@ def start_pools(cfg, *, uses_reference: bool, timeout_s: float = START_TIMEOUT_S
     from actors.rollout import RolloutWorker
 
     def options(pool):
-        return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_concurrency": 1}
+        # "DEFAULT" opts out of placement-group capture. Inside a Ray Tune trial, Ray Train's
+        # workers inherit the trial's capture of child tasks, so without it the pools would be
+        # squeezed into the learner's own bundle, where they never fit, and wait forever.
+        return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_concurrency": 1, "scheduling_strategy": "DEFAULT"}
 
     rollout_cls = ray.remote(RolloutWorker).options(**options(cfg.pools.rollout))
     reward_cls = ray.remote(RewardWorker).options(**options(cfg.pools.reward))

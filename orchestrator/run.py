@@ -8,13 +8,14 @@ into a progress bar and one summary line per epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -75,6 +76,19 @@ def _check_names(cfg: Config) -> None:
         read_prompts(cfg.train.eval_prompts)
 
 
+def _env_vars_to_add(wanted: dict[str, str]) -> dict[str, str]:
+    """``wanted`` minus the variables a submitted Ray Job's runtime_env already sets.
+
+    Inside a Ray Job, ray.init refuses a runtime_env that sets a variable the job's own
+    runtime_env sets too (even to the same value); the job's value wins.
+    """
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job_config:
+        return wanted
+    taken = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in wanted.items() if key not in taken}
+
+
 def connect(address: str | None, num_cpus: int | None) -> None:
     """Join ``address`` (or $RAY_ADDRESS), or start a local cluster with ``num_cpus`` logical CPUs."""
     if ray.is_initialized():
@@ -82,7 +96,8 @@ def connect(address: str | None, num_cpus: int | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Passive OpenMP waits: with more busy processes than cores (pools share a CPU
     # machine), spin-waiting torch threads were measured to slow every pool ~10x.
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+    wanted = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {"env_vars": _env_vars_to_add(wanted)}
     if address:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
     else:
@@ -90,8 +105,21 @@ def connect(address: str | None, num_cpus: int | None) -> None:
         ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
 
 
-def train(cfg: Config | None, output_dir: str | os.PathLike, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the output directory."""
+def train(
+    cfg: Config | None,
+    output_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run (or resume) training; returns the output directory.
+
+    ``on_epoch`` is called in this process with each finished epoch's metrics (what
+    ``metrics.jsonl`` records), e.g. to report them to Ray Tune.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -140,7 +168,7 @@ def train(cfg: Config | None, output_dir: str | os.PathLike, *, resume: bool = F
 
     thread = threading.Thread(target=fit, name="rayalign-trainer", daemon=True)
     thread.start()
-    _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress)
+    _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress, on_epoch=on_epoch)
     thread.join()
     ray.kill(hub)
     if "error" in outcome:
@@ -148,7 +176,7 @@ def train(cfg: Config | None, output_dir: str | os.PathLike, *, resume: bool = F
     return output_dir
 
 
-def _follow(hub, thread: threading.Thread, *, total: int, start: int, show_bar: bool) -> None:
+def _follow(hub, thread: threading.Thread, *, total: int, start: int, show_bar: bool, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
     """Progress bar over epochs and one summary line per finished epoch, until training ends."""
     from tqdm.auto import tqdm
 
@@ -163,6 +191,8 @@ def _follow(hub, thread: threading.Thread, *, total: int, start: int, show_bar: 
             for metrics in summaries:
                 bar.write(summary_line(metrics, total))
                 bar.update(max(0, metrics["epoch"] - bar.n))
+                if on_epoch is not None:
+                    on_epoch(metrics)
             if progress:
                 bar.set_postfix_str(f"epoch {progress.get('epoch')}: {progress.get('phase')}")
             if not alive:
