@@ -488,7 +488,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     learner = Learner(model=cfg.model, learner=cfg.learner, train=cfg.train, seed=cfg.seed, rank=rank, world_size=world_size,
                       log_prob_reduction=cfg.sampling.log_prob_reduction)
     learner.prepare(cfg.sampling.num_steps)
-    state, start_epoch = None, 0
+    state, start_epoch, resume_from = None, 0, None
     if loop_config["resume_from"]:
         resume_from = Path(loop_config["resume_from"])
         learner.engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
