@@ -145,6 +145,7 @@ class Learner:
         timesteps = as_tensor(shard.timesteps)
         prev_timesteps = as_tensor(shard.prev_timesteps)
         ref = as_tensor(ref_means) if ref_means is not None else None
+        tensors = {"latents": latents, "timesteps": timesteps, "prev_timesteps": prev_timesteps, "embeds": embeds, "negative": negative}
         stats: dict[str, list[float]] = {}
         self.engine.train()
         plans = []
@@ -156,7 +157,7 @@ class Learner:
         stale = versions is not None and learner_version is not None and bool(np.any(np.asarray(versions) != learner_version))
         is_weights = None
         if stale:
-            proximal = self._proximal_log_probs(shard, latents, timesteps, prev_timesteps, embeds, negative, plans)
+            proximal = self._proximal_log_probs(shard, tensors, plans)
             behaviour = old_log_probs
             trained = ~torch.isnan(proximal)
             weights, is_stats = truncated_is_weights(old_log_prob=proximal[trained], behaviour_log_prob=behaviour[trained], truncation=is_truncation)
@@ -176,17 +177,7 @@ class Learner:
                     # stacked row-major into micro * per_pass transitions.
                     j = as_tensor(step_order[rows, first : first + per_pass].reshape(-1))  # (micro * per_pass,)
                     r = as_tensor(np.repeat(rows, per_pass))  # (micro * per_pass,)
-                    out = self.policy.log_prob(
-                        latents=latents[r, j],
-                        next_latents=latents[r, j + 1],
-                        timesteps=timesteps[j],
-                        prev_timesteps=prev_timesteps[j],
-                        prompt_embeds=embeds[r],
-                        negative_prompt_embeds=negative,
-                        guidance_scale=shard.guidance_scale,
-                        eta=shard.eta,
-                        reduction=self.log_prob_reduction,
-                    )
+                    out = self._log_prob(shard, tensors, r, j)
                     if "policy/onpolicy_gap" not in stats:
                         # Before this epoch's first update the learner holds the weights that
                         # sampled the shard (sync mode) or, replaying, the proximal weights
@@ -214,7 +205,22 @@ class Learner:
                         stats.setdefault("kl/mean", []).append(float(kl.mean()))
         return {key: float(np.mean(values)) for key, values in stats.items()}
 
-    def _proximal_log_probs(self, shard: Trajectories, latents, timesteps, prev_timesteps, embeds, negative, plans) -> torch.Tensor:
+    def _log_prob(self, shard: Trajectories, tensors: dict[str, torch.Tensor], r: torch.Tensor, j: torch.Tensor):
+        """The policy's step output for transitions (row r, step j) of the shard."""
+        latents, timesteps = tensors["latents"], tensors["timesteps"]
+        return self.policy.log_prob(
+            latents=latents[r, j],
+            next_latents=latents[r, j + 1],
+            timesteps=timesteps[j],
+            prev_timesteps=tensors["prev_timesteps"][j],
+            prompt_embeds=tensors["embeds"][r],
+            negative_prompt_embeds=tensors["negative"],
+            guidance_scale=shard.guidance_scale,
+            eta=shard.eta,
+            reduction=self.log_prob_reduction,
+        )
+
+    def _proximal_log_probs(self, shard: Trajectories, tensors: dict[str, torch.Tensor], plans) -> torch.Tensor:
         """log p under the current weights of every transition the plans will train on,
         before any of this update's steps; NaN where not trained. (batch, steps)"""
         batch, steps = shard.batch_size, shard.num_steps
@@ -228,18 +234,7 @@ class Learner:
             for start in range(0, len(rows), chunk):
                 r = as_tensor(rows[start : start + chunk])
                 j = as_tensor(cols[start : start + chunk])
-                result = self.policy.log_prob(
-                    latents=latents[r, j],
-                    next_latents=latents[r, j + 1],
-                    timesteps=timesteps[j],
-                    prev_timesteps=prev_timesteps[j],
-                    prompt_embeds=embeds[r],
-                    negative_prompt_embeds=negative,
-                    guidance_scale=shard.guidance_scale,
-                    eta=shard.eta,
-                    reduction=self.log_prob_reduction,
-                )
-                out[r, j] = result.log_prob.float().cpu()
+                out[r, j] = self._log_prob(shard, tensors, r, j).log_prob.float().cpu()
         return out
 
     # ------------------------------------------------------------------ weights

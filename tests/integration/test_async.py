@@ -47,6 +47,8 @@ def test_async_trains_one_version_behind_with_importance_weights_and_no_leaks(ra
     store = [m["memory/object_store_bytes"] for m in metrics]
     early_peak = max(m["memory/object_store_peak_bytes"] for m in metrics[:2])
     assert max(store) <= early_peak and store[-1] == store[0], (store, early_peak)
+    rss = [m["memory/controller_rss_bytes"] for m in metrics]
+    assert rss[-1] <= 1.05 * rss[1], rss  # after the warm-up epoch the controller's memory stays flat
 
 
 def test_async_resume_after_a_kill_restores_buffer_versions_and_counters_exactly(ray_cluster, tiny_pipeline_dir, tmp_path):
