@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference
+from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference, truncated_is_weights
 from actors.policy import DiffusionPolicy, load_policy, unet_lora_state_dict
 from actors.trajectory import Trajectories, as_tensor
 from orchestrator.config import trained_timesteps
@@ -121,8 +121,25 @@ class Learner:
         self._ensure_engine(num_steps)
 
     # ------------------------------------------------------------------ training
-    def train_epoch(self, shard: Trajectories, advantages: np.ndarray, ref_means: np.ndarray | None, *, epoch: int) -> dict[str, float]:
-        """All inner epochs of DDPO/DPOK updates on this rank's shard. Returns mean statistics."""
+    def train_epoch(
+        self,
+        shard: Trajectories,
+        advantages: np.ndarray,
+        ref_means: np.ndarray | None,
+        *,
+        epoch: int,
+        versions: np.ndarray | None = None,
+        learner_version: int | None = None,
+        is_truncation: float = 1.0,
+    ) -> dict[str, float]:
+        """All inner epochs of DDPO/DPOK updates on this rank's shard. Returns mean statistics.
+
+        ``versions`` (batch,) are the policy versions that sampled the shard's rows and
+        ``learner_version`` the version these weights are. Rows sampled by an older
+        version are replayed off-policy: their log-probs under the current weights are
+        computed first (no gradient), the PPO ratio is taken against those, and each
+        transition is weighted by min(p_old / p_behaviour, ``is_truncation``).
+        """
         if self.uses_reference and ref_means is None:
             raise ValueError(f"algorithm {self.train_cfg.algorithm!r} needs reference means; the reference pool returned none")
         self._ensure_engine(shard.num_steps)
@@ -145,11 +162,30 @@ class Learner:
         timesteps = as_tensor(shard.timesteps)
         prev_timesteps = as_tensor(shard.prev_timesteps)
         ref = as_tensor(ref_means) if ref_means is not None else None
+        tensors = {"latents": latents, "timesteps": timesteps, "prev_timesteps": prev_timesteps, "embeds": embeds, "negative": negative,
+                   "pooled": pooled, "negative_pooled": negative_pooled}
         stats: dict[str, list[float]] = {}
         self.engine.train()
+        plans = []
         for _ in range(self.train_cfg.inner_epochs):
             order = rng.permutation(batch)
             step_order = step_orders(rng, batch=batch, num_steps=steps, train_timesteps=train_timesteps, selection=self.train_cfg.timestep_selection)
+            plans.append((order, step_order))
+        stale = versions is not None and learner_version is not None and bool(np.any(np.asarray(versions) != learner_version))
+        is_weights = None
+        if stale:
+            proximal = self._proximal_log_probs(shard, tensors, plans)
+            behaviour = old_log_probs
+            trained = ~torch.isnan(proximal)
+            weights, is_stats = truncated_is_weights(old_log_prob=proximal[trained], behaviour_log_prob=behaviour[trained], truncation=is_truncation)
+            is_weights = torch.ones_like(old_log_probs)
+            is_weights[trained] = weights
+            old_log_probs = torch.where(trained, proximal, behaviour)
+        else:
+            is_stats = {"is/ratio_mean": 1.0, "is/ratio_max": 1.0, "is/truncated_frac": 0.0, "is/ess_frac": 1.0}
+        for k, v in is_stats.items():
+            stats[k] = [v]
+        for order, step_order in plans:
             per_pass = self._learner_cfg.timesteps_per_pass
             for start in range(0, batch, self.micro_batch_size):
                 rows = order[start : start + self.micro_batch_size]
@@ -158,22 +194,11 @@ class Learner:
                     # stacked row-major into micro * per_pass transitions.
                     j = as_tensor(step_order[rows, first : first + per_pass].reshape(-1))  # (micro * per_pass,)
                     r = as_tensor(np.repeat(rows, per_pass))  # (micro * per_pass,)
-                    out = self.policy.log_prob(
-                        latents=latents[r, j],
-                        next_latents=latents[r, j + 1],
-                        timesteps=timesteps[j],
-                        prev_timesteps=prev_timesteps[j],
-                        prompt_embeds=embeds[r],
-                        negative_prompt_embeds=negative,
-                        pooled_prompt_embeds=None if pooled is None else pooled[r],
-                        negative_pooled_prompt_embeds=negative_pooled,
-                        guidance_scale=shard.guidance_scale,
-                        eta=shard.eta,
-                        reduction=self.log_prob_reduction,
-                    )
+                    out = self._log_prob(shard, tensors, r, j)
                     if "policy/onpolicy_gap" not in stats:
                         # Before this epoch's first update the learner holds the weights that
-                        # sampled the shard (sync mode): a gap here means stale rollout weights.
+                        # sampled the shard (sync mode) or, replaying, the proximal weights
+                        # whose log-probs it just computed: a gap here means mismatched weights.
                         gap = (out.log_prob.detach() - old_log_probs[r, j]).abs().max()
                         stats["policy/onpolicy_gap"] = [float(gap)]
                     inputs = LossInputs(
@@ -183,6 +208,7 @@ class Learner:
                         mean=out.mean,
                         ref_mean=ref[r, j].to(out.mean.device) if ref is not None else None,
                         std=out.std,
+                        is_weights=is_weights[r, j] if is_weights is not None else None,
                     )
                     loss = self.algorithm(inputs, self.params)
                     self.engine.backward(loss.loss)
@@ -195,6 +221,40 @@ class Learner:
                             kl = gaussian_kl(mean=out.mean, ref_mean=inputs.ref_mean, std=out.std)
                         stats.setdefault("kl/mean", []).append(float(kl.mean()))
         return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def _log_prob(self, shard: Trajectories, tensors: dict[str, torch.Tensor], r: torch.Tensor, j: torch.Tensor):
+        """The policy's step output for transitions (row r, step j) of the shard."""
+        latents, timesteps = tensors["latents"], tensors["timesteps"]
+        return self.policy.log_prob(
+            latents=latents[r, j],
+            next_latents=latents[r, j + 1],
+            timesteps=timesteps[j],
+            prev_timesteps=tensors["prev_timesteps"][j],
+            prompt_embeds=tensors["embeds"][r],
+            negative_prompt_embeds=tensors["negative"],
+            pooled_prompt_embeds=None if tensors["pooled"] is None else tensors["pooled"][r],
+            negative_pooled_prompt_embeds=tensors["negative_pooled"],
+            guidance_scale=shard.guidance_scale,
+            eta=shard.eta,
+            reduction=self.log_prob_reduction,
+        )
+
+    def _proximal_log_probs(self, shard: Trajectories, tensors: dict[str, torch.Tensor], plans) -> torch.Tensor:
+        """log p under the current weights of every transition the plans will train on,
+        before any of this update's steps; NaN where not trained. (batch, steps)"""
+        batch, steps = shard.batch_size, shard.num_steps
+        needed = np.zeros((batch, steps), dtype=bool)
+        for _, step_order in plans:
+            needed[np.arange(batch)[:, None], step_order] = True
+        rows, cols = np.nonzero(needed)
+        out = torch.full((batch, steps), float("nan"))
+        chunk = self.micro_batch_size * self._learner_cfg.timesteps_per_pass
+        with torch.no_grad():
+            for start in range(0, len(rows), chunk):
+                r = as_tensor(rows[start : start + chunk])
+                j = as_tensor(cols[start : start + chunk])
+                out[r, j] = self._log_prob(shard, tensors, r, j).log_prob.float().cpu()
+        return out
 
     # ------------------------------------------------------------------ weights
     def trainable_state(self) -> dict[str, np.ndarray]:

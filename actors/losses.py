@@ -88,26 +88,72 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _weights_arg(is_weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if is_weights is None else {"is_weights": is_weights}
+
+
+def _weighted_mean(per_transition: torch.Tensor, is_weights: torch.Tensor | None) -> torch.Tensor:
+    """Batch mean, each row weighted by its (constant) importance weight when given."""
+    if is_weights is None:
+        return per_transition.mean()
+    return (is_weights.detach() * per_transition).mean()
+
+
+# --------------------------------------------------------------------------------------
+# Importance weights for replayed (off-policy) transitions
+# --------------------------------------------------------------------------------------
+
+
+def truncated_is_weights(*, old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, truncation: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """w = min(p_old / p_behaviour, C) per transition, and statistics of the ratios.
+
+    ``old_log_prob`` is log p under the learner's weights at the start of the update,
+    ``behaviour_log_prob`` the one recorded by the (older) policy that sampled the
+    transition. Truncating at C bounds the variance a rare transition can add (IMPALA's
+    rho-bar, Espeholt et al. 2018). Statistics: the untruncated ratio's mean and max, the
+    fraction truncated, and the effective sample size (sum w)^2 / (n sum w^2) as a
+    fraction of n (1 when all weights are equal).
+    """
+    _check_per_transition(old_log_prob=old_log_prob, behaviour_log_prob=behaviour_log_prob)
+    if not (isinstance(truncation, (int, float)) and math.isfinite(truncation) and truncation > 0):
+        raise ValueError(f"truncation must be a finite number > 0 (the C of min(ratio, C)), got {truncation!r}")
+    with torch.no_grad():
+        ratio = torch.exp(old_log_prob.double() - behaviour_log_prob.double())  # (batch,)
+        weights = torch.clamp(ratio, max=truncation)  # (batch,)
+        stats = {
+            "is/ratio_mean": ratio.mean().item(),
+            "is/ratio_max": ratio.max().item(),
+            "is/truncated_frac": (ratio > truncation).double().mean().item(),
+            "is/ess_frac": (weights.sum().pow(2) / (weights.numel() * weights.pow(2).sum())).item(),
+        }
+    return weights.to(old_log_prob.dtype), stats
+
+
 # --------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------
 
 
-def ddpo_sf_loss(*, log_prob: torch.Tensor, advantages: torch.Tensor) -> LossOutput:
+def ddpo_sf_loss(*, log_prob: torch.Tensor, advantages: torch.Tensor, is_weights: torch.Tensor | None = None) -> LossOutput:
     """DDPO_SF: the score-function (REINFORCE) estimator, loss = -mean(A * log_prob).
 
     Its gradient is -mean(A * grad log_prob): only valid on-policy, i.e. for one gradient
     step per batch of samples.
     """
-    _check_per_transition(log_prob=log_prob, advantages=advantages)
+    _check_per_transition(log_prob=log_prob, advantages=advantages, **_weights_arg(is_weights))
     advantages = advantages.detach()
-    loss = -(advantages * log_prob).mean()
+    loss = _weighted_mean(-(advantages * log_prob), is_weights)
     stats = {"loss/policy": loss.item(), "policy/log_prob_mean": log_prob.detach().mean().item()}
     return LossOutput(loss=loss, stats=stats)
 
 
 def ddpo_is_loss(
-    *, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    *,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """DDPO_IS: importance-sampled, PPO-clipped, so samples can be reused for several steps.
 
@@ -117,15 +163,19 @@ def ddpo_is_loss(
     The max of the two (negated) terms is the pessimistic bound: once the ratio has moved
     past 1 +/- clip_range in the direction the advantage pushes it, the clipped term wins
     and the transition contributes no gradient.
+
+    With replay, ``old_log_prob`` is the learner's own policy at the start of the update
+    (the proximal policy) and ``is_weights`` = min(p_old / p_behaviour, C) corrects for the
+    older policy that sampled the transition: each row's term is multiplied by its weight.
     """
-    _check_per_transition(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
+    _check_per_transition(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, **_weights_arg(is_weights))
     _check_clip_range(clip_range)
     advantages = advantages.detach()
     log_ratio = log_prob - old_log_prob.detach()  # (batch,)
     ratio = torch.exp(log_ratio)  # (batch,)
     unclipped = -advantages * ratio  # (batch,)
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (batch,)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = _weighted_mean(torch.maximum(unclipped, clipped), is_weights)
     with torch.no_grad():
         stats = {
             "loss/policy": loss.item(),
@@ -172,6 +222,7 @@ def dpok_loss(
     beta: float,
     clip_range: float,
     reduction: Reduction = "mean",
+    is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """DPOK: the clipped policy term of :func:`ddpo_is_loss` plus beta * per-step KL.
 
@@ -180,7 +231,8 @@ def dpok_loss(
     The KL term is DPOK's upper bound on KL(p_theta(x_0) || p_ref(x_0)): the sum over
     steps of the KL between the two models' transitions from the same x_t (survey eq. 21).
     Each row contributes its own step, so averaging over a batch of transitions estimates
-    that sum up to the constant factor of the number of steps.
+    that sum up to the constant factor of the number of steps. ``is_weights`` weight the
+    policy term only: the KL is a property of the current policy, whoever sampled x_t.
     """
     _check_per_transition(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
     _check_gaussians(mean, ref_mean, std)
@@ -191,7 +243,7 @@ def dpok_loss(
         )
     _check_beta(beta)
     _check_clip_range(clip_range)
-    policy = ddpo_is_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, clip_range=clip_range)
+    policy = ddpo_is_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, clip_range=clip_range, is_weights=is_weights)
     kl = gaussian_kl(mean=mean, ref_mean=ref_mean, std=std, reduction=reduction)  # (batch,)
     kl_loss = beta * kl.mean()
     loss = policy.loss + kl_loss
@@ -226,6 +278,8 @@ class LossInputs:
     """mu_t of the frozen reference model's Gaussian from the same x_t. (batch, C, H, W)"""
     std: torch.Tensor | None = None
     """sigma_t, shared by both Gaussians. (batch, 1, 1, 1)"""
+    is_weights: torch.Tensor | None = None
+    """Truncated importance weights of replayed transitions; None when on-policy. (batch,)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,12 +303,13 @@ LossFn = Callable[[LossInputs, AlgorithmParams], LossOutput]
 
 
 def _ddpo_sf(inputs: LossInputs, params: AlgorithmParams) -> LossOutput:
-    return ddpo_sf_loss(log_prob=inputs.log_prob, advantages=inputs.advantages)
+    return ddpo_sf_loss(log_prob=inputs.log_prob, advantages=inputs.advantages, is_weights=inputs.is_weights)
 
 
 def _ddpo_is(inputs: LossInputs, params: AlgorithmParams) -> LossOutput:
     return ddpo_is_loss(
-        log_prob=inputs.log_prob, old_log_prob=inputs.old_log_prob, advantages=inputs.advantages, clip_range=params.clip_range
+        log_prob=inputs.log_prob, old_log_prob=inputs.old_log_prob, advantages=inputs.advantages, clip_range=params.clip_range,
+        is_weights=inputs.is_weights,
     )
 
 
@@ -274,6 +329,7 @@ def _dpok(inputs: LossInputs, params: AlgorithmParams) -> LossOutput:
         beta=params.beta,
         clip_range=params.clip_range,
         reduction=params.kl_reduction,
+        is_weights=inputs.is_weights,
     )
 
 

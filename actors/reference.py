@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -17,6 +19,9 @@ class ReferenceWorker:
         # Replay reads the recorded prompt embeddings, so only the UNet is loaded.
         self.policy = load_policy(model, trainable=False, unet_only=True)
 
-    def reference_means(self, trajectories: Trajectories) -> np.ndarray:
-        """(batch, steps, C, H, W) float32 means of the reference policy's Gaussians."""
-        return self.policy.replay(trajectories)[1]
+    def reference_means(self, trajectories: Trajectories) -> tuple[np.ndarray, float]:
+        """(batch, steps, C, H, W) float32 means of the reference policy's Gaussians, and the
+        seconds it took (called with ``num_returns=2``: learners fetch only the means)."""
+        started = time.perf_counter()
+        means = self.policy.replay(trajectories)[1]
+        return means, time.perf_counter() - started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from actors.rewards import build_reward_from_config, score_batch
@@ -20,7 +22,8 @@ class RewardWorker:
         # the first rollout, and the first batch is not slowed by loading.
         self.reward.load()
 
-    def score(self, images: np.ndarray, prompts: list[str], batch_index: int) -> tuple[np.ndarray, dict[str, float]]:
-        """Scores (batch,) float32 and the batch mean of every diagnostic."""
+    def score(self, images: np.ndarray, prompts: list[str], batch_index: int) -> tuple[np.ndarray, dict[str, float], float]:
+        """Scores (batch,) float32, the batch mean of every diagnostic, and the seconds it took."""
+        started = time.perf_counter()
         scores, info = score_batch(self.reward, images, prompts, batch_index=batch_index)
-        return scores, {key: float(np.mean(value)) for key, value in info.items()}
+        return scores, {key: float(np.mean(value)) for key, value in info.items()}, time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ logger = logging.getLogger(__name__)
 class RolloutWorker:
     """Samples with the latest weights it was sent; one Ray actor per pool member.
 
-    ``sample`` is called with ``num_returns=2`` so the trajectories (for learners and the
-    reference pool) and the decoded images (for reward actors only) are separate objects.
+    ``sample`` is called with ``num_returns=3`` so the trajectories (for learners and the
+    reference pool) and the decoded images (for reward actors only) are separate objects;
+    the third is a small dict of timings (busy seconds, for the pool's idle fraction).
     """
 
     def __init__(self, model, sampling, *, num_threads: int = 1):
@@ -25,8 +27,19 @@ class RolloutWorker:
         self.sampling = sampling
         self.policy = load_policy(model)
 
-    def sample(self, prompts: list[str], seeds: list[int]) -> tuple[Trajectories, np.ndarray]:
-        return self.policy.sample(
+    def sample(self, prompts: list[str], seeds: list[int], version: int | None = None, weights: dict[str, np.ndarray] | None = None) -> tuple[Trajectories, np.ndarray, dict[str, float]]:
+        """Sample with policy ``version``: its ``weights`` are loaded first unless already held.
+
+        Naming the version in every call (rather than a separate weight update) makes each
+        batch's policy independent of how calls interleave in the async pipeline.
+        """
+        started = time.perf_counter()
+        load_s = 0.0
+        if version is not None and version != self.policy.version:
+            if weights is None:
+                raise ValueError(f"sample() was asked for policy version {version} but this actor holds {self.policy.version} and got no weights")
+            load_s = self.set_weights(weights, version)
+        trajectories, images = self.policy.sample(
             prompts,
             seeds=seeds,
             num_steps=self.sampling.num_steps,
@@ -34,9 +47,11 @@ class RolloutWorker:
             guidance_scale=self.sampling.guidance_scale,
             reduction=self.sampling.log_prob_reduction,
         )
+        return trajectories, images, {"busy_s": time.perf_counter() - started, "load_s": load_s}
 
-    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
-        """Load trainable weights (LoRA adapters, or the full UNet) of policy ``version``."""
+    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> float:
+        """Load trainable weights (LoRA adapters, or the full UNet) of policy ``version``; returns the seconds it took."""
+        started = time.perf_counter()
         state = {name: as_tensor(array) for name, array in weights.items()}
         if self.policy.lora_config is not None:
             self.policy.load_lora_state_dict(state)
@@ -45,7 +60,7 @@ class RolloutWorker:
             if unexpected:
                 raise ValueError(f"weights do not match the UNet: unexpected keys {unexpected[:5]}")
         self.policy.version = version
-        return version
+        return time.perf_counter() - started
 
     def version(self) -> int:
         return self.policy.version

@@ -403,8 +403,23 @@ def _swap_outcome(host: str, port: int, *, version: str, lora: str, timeout_s: f
 
 
 def _add_bench(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks")
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: training sync vs async (default), or `bench serve`",
+        description="Without a KIND: run one training preset in sync and then in async mode and compare them "
+        "(samples/s, idle time per pool, overhead, weight sync, memory, reward). `bench serve`: load the image server.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="training preset to run in both modes (toy-bench is sized for it)")
+    source.add_argument("--config", help="a YAML training config instead of a preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per mode, the first one not timed (default 20)")
+    p.add_argument("--output", help="write the report as JSON to this file")
+    p.add_argument("--workdir", help="where the two runs are written (default: a new temporary directory)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default: max(8, cores))")
+    p.set_defaults(run=run_bench_train)
+    kinds = p.add_subparsers(dest="bench", required=False, metavar="KIND")
     s = kinds.add_parser("serve", help="load the image server over loopback: latency percentiles, images/s, errors")
     _add_server_flags(s)
     s.add_argument("--concurrency", type=int, default=16, help="clients sending requests at once (default 16)")
@@ -416,6 +431,30 @@ def _add_bench(subparsers) -> None:
     s.add_argument("--api-key", help="API key of --url (default: $RAYALIGN_API_KEY)")
     s.add_argument("--output", help="also write the results as JSON to this file")
     s.set_defaults(run=run_bench_serve)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from jobs.bench_train import bench_training, format_report
+    from orchestrator.config import load_config, load_preset
+
+    if not (args.preset or args.config):
+        raise ValueError("give --preset NAME (e.g. toy-bench) or --config FILE to benchmark training, or use `rayalign bench serve ...`")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() != ".json":
+        raise ValueError(f"--output {args.output!r} must end in .json")
+    cfg = load_preset(args.preset, args.overrides) if args.preset else load_config(args.config, args.overrides)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rayalign-bench-"))
+    report = bench_training(cfg, epochs=args.epochs, workdir=workdir, address=args.address, num_cpus=args.num_cpus)
+    report["workdir"] = str(workdir)
+    print(format_report(report))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {output}")
+    print(f"runs written to {workdir}")
+    return 0
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

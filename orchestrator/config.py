@@ -53,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "PoolConfig",
     "PoolsConfig",
+    "ReplayConfig",
     "RewardComponent",
     "RewardConfig",
     "SamplingConfig",
@@ -460,6 +461,12 @@ class TrainConfig:
     """Policy-gradient estimator: "ddpo_sf" (REINFORCE), "ddpo_is" (PPO-clipped
     importance ratio), "dpok" (ddpo_is plus beta * per-step KL to the frozen reference)."""
 
+    mode: Literal["sync", "async"] = "sync"
+    """"sync": sample epoch k with the weights of version k-1, then learn (exactly
+    on-policy). "async": the rollouts of epoch k+1 run with the weights of version k-1
+    while the learners train on epoch k, so every pool stays busy; the learner corrects
+    the one-version lag with truncated importance weights (see the ``replay`` section)."""
+
     epochs: int = 10
     """Sample -> score -> learn -> sync rounds; >= 1."""
 
@@ -549,6 +556,47 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """The replay buffer between the reward pool and the learners, and the async pipeline.
+
+    Every epoch's fresh samples enter the buffer; each update trains on
+    ``train.samples_per_epoch`` of them, newest first. The defaults (reuse once, one
+    version of lag) make sync mode train on exactly the fresh batch, as plain DDPO."""
+
+    capacity: int = 1024
+    """Most trajectories held; beyond it the oldest are evicted; >= train.samples_per_epoch."""
+
+    max_staleness: int = 1
+    """Oldest policy version a trained sample may come from, counted in versions behind the
+    learner's; async mode needs >= 1 (its samples are one version behind)."""
+
+    max_reuse: int = 1
+    """Times one trajectory may be trained on before it leaves the buffer; >= 1."""
+
+    is_truncation: float = 1.0
+    """C in the importance weight min(p_old / p_behaviour, C) of a stale transition
+    (IMPALA's rho-bar; 1 never up-weights a sample); > 0."""
+
+    samples_per_update: int = 0
+    """Trajectories each update trains on, newest first: 0 means train.samples_per_epoch
+    (the fresh batch only); more reuses buffered samples of older versions (up to
+    max_reuse times each) with importance weights. Same divisibility rules as
+    train.samples_per_epoch."""
+
+    max_in_flight: int = 8
+    """Rollout requests (sampling batches) submitted and not yet finished, at most; bounds
+    what the pipeline holds in the object store; >= 1."""
+
+    def __post_init__(self) -> None:
+        _check_range(self, "capacity", low=1)
+        _check_range(self, "max_staleness", low=0)
+        _check_range(self, "max_reuse", low=1)
+        _check_positive(self, "is_truncation")
+        _check_range(self, "max_in_flight", low=1)
+        _check_range(self, "samples_per_update", low=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs. Components get their own section, never this root."""
 
@@ -573,8 +621,24 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The DeepSpeed learner group in Ray Train."""
 
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay buffer (staleness, reuse, importance-weight truncation) and async pipeline depth."""
+
     def __post_init__(self) -> None:
         _check_range(self, "seed", low=0)
+        per_update = self.samples_per_update
+        if per_update < self.train.samples_per_epoch:
+            raise _FieldError("replay.samples_per_update", f"must be 0 or >= train.samples_per_epoch ({self.train.samples_per_epoch}), got {per_update}")
+        if self.replay.capacity < per_update:
+            raise _FieldError(
+                "replay.capacity",
+                f"must be >= the samples of one update ({per_update}, replay.samples_per_update or train.samples_per_epoch), got {self.replay.capacity}",
+            )
+        if self.train.mode == "async" and self.replay.max_staleness < 1:
+            raise _FieldError(
+                "replay.max_staleness",
+                "must be >= 1 when train.mode is async: its samples come from the previous policy version, got 0",
+            )
         for name in ("rollout", "reward"):
             if getattr(self.pools, name).num_actors < 1:
                 raise _FieldError(f"pools.{name}.num_actors", "must be >= 1: training cannot run without this pool")
@@ -582,6 +646,17 @@ class Config:
             raise _FieldError("pools.reference.num_actors", "must be >= 1 for algorithm dpok, whose KL term needs the reference policy")
         # Cross-section rules that no single section can check on its own.
         shard = self.learner.num_workers * self.learner.micro_batch_size
+        if self.replay.samples_per_update % shard:
+            raise _FieldError(
+                "replay.samples_per_update",
+                f"must be divisible by learner.num_workers * learner.micro_batch_size = {shard}, got {self.replay.samples_per_update}",
+            )
+        if self.replay.samples_per_update and (self.replay.samples_per_update // shard) % self.learner.gradient_accumulation_steps:
+            raise _FieldError(
+                "learner.gradient_accumulation_steps",
+                f"must divide the {self.replay.samples_per_update // shard} micro-batches each worker gets per update "
+                f"(replay.samples_per_update / (num_workers * micro_batch_size)), got {self.learner.gradient_accumulation_steps}",
+            )
         if self.train.samples_per_epoch % shard:
             raise _FieldError(
                 "train.samples_per_epoch",
@@ -605,6 +680,12 @@ class Config:
                 f"(round(sampling.num_steps * train.timestep_fraction) = round({self.sampling.num_steps} * "
                 f"{self.train.timestep_fraction})), got {self.learner.timesteps_per_pass}",
             )
+
+
+    @property
+    def samples_per_update(self) -> int:
+        """Trajectories per update once the buffer is full: replay.samples_per_update, or the epoch's."""
+        return self.replay.samples_per_update or self.train.samples_per_epoch
 
 
 def trained_timesteps(num_steps: int, timestep_fraction: float) -> int:

@@ -437,3 +437,21 @@ def test_stat_min_count_cannot_exceed_the_buffer():
     # Per-prompt statistics would never be used; say so instead of clamping silently.
     with pytest.raises(ValueError, match=r"train\.stat_min_count must be <= stat_buffer_size \(8\), got 9"):
         load_config({"train": {"stat_buffer_size": 8, "stat_min_count": 9}})
+
+
+def test_replay_and_async_settings_are_checked_with_their_names():
+    from orchestrator.config import Config, load_config
+
+    assert Config().train.mode == "sync" and Config().samples_per_update == Config().train.samples_per_epoch
+    with pytest.raises(ValueError, match="replay.max_staleness must be >= 1 when train.mode is async"):
+        load_config({"train": {"mode": "async"}, "replay": {"max_staleness": 0}})
+    with pytest.raises(ValueError, match=r"replay.capacity must be >= the samples of one update \(64"):
+        load_config({"train": {"samples_per_epoch": 32}, "replay": {"samples_per_update": 64, "capacity": 40}})
+    with pytest.raises(ValueError, match="replay.samples_per_update must be 0 or >= train.samples_per_epoch"):
+        load_config({"train": {"samples_per_epoch": 32}, "replay": {"samples_per_update": 16}})
+    with pytest.raises(ValueError, match="replay.samples_per_update must be divisible by"):
+        load_config({"train": {"samples_per_epoch": 32}, "replay": {"samples_per_update": 34}})
+    with pytest.raises(ValueError, match="replay.is_truncation must be > 0"):
+        load_config({"replay": {"is_truncation": 0}})
+    with pytest.raises(ValueError, match="train.mode"):
+        load_config({"train": {"mode": "fast"}})

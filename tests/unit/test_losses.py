@@ -352,3 +352,65 @@ def test_algorithm_needing_a_reference_rejects_inputs_without_one(name, expects_
     bare = LossInputs(log_prob=inputs.log_prob, old_log_prob=inputs.old_log_prob, advantages=inputs.advantages)
     with pytest.raises(ValueError, match="missing mean, ref_mean, std"):
         losses.get_algorithm(name)(bare, AlgorithmParams())
+
+
+# --------------------------------------------------------------------------------------
+# Truncated importance weights (replay)
+# --------------------------------------------------------------------------------------
+
+
+def test_truncated_is_weights_hand_values():
+    # ratios p_old / p_behaviour = exp([0, ln 0.5, ln 3]) = [1, 0.5, 3]; C = 2 truncates the 3.
+    old = torch.tensor([-1.0, -1.0 + math.log(0.5), -2.0 + math.log(3.0)])
+    behaviour = torch.tensor([-1.0, -1.0, -2.0])
+    weights, stats = losses.truncated_is_weights(old_log_prob=old, behaviour_log_prob=behaviour, truncation=2.0)
+    assert weights.tolist() == pytest.approx([1.0, 0.5, 2.0], rel=1e-6)
+    assert weights.dtype == torch.float32
+    assert stats["is/ratio_mean"] == pytest.approx(4.5 / 3, rel=1e-6)
+    assert stats["is/ratio_max"] == pytest.approx(3.0, rel=1e-6)
+    assert stats["is/truncated_frac"] == pytest.approx(1 / 3)
+    # ESS: (1 + 0.5 + 2)^2 / (3 * (1 + 0.25 + 4)) = 12.25 / 15.75
+    assert stats["is/ess_frac"] == pytest.approx(12.25 / 15.75, rel=1e-6)
+
+
+def test_truncated_is_weights_on_policy_are_one_with_full_ess():
+    log_prob = torch.tensor([-0.3, -1.7, -2.2])
+    weights, stats = losses.truncated_is_weights(old_log_prob=log_prob, behaviour_log_prob=log_prob.clone(), truncation=1.0)
+    assert weights.tolist() == [1.0, 1.0, 1.0]
+    assert stats == {"is/ratio_mean": 1.0, "is/ratio_max": 1.0, "is/truncated_frac": 0.0, "is/ess_frac": 1.0}
+
+
+@pytest.mark.parametrize("truncation", [0.0, -1.0, float("inf")])
+def test_truncation_must_be_positive_and_finite(truncation):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="truncation must be a finite number > 0"):
+        losses.truncated_is_weights(old_log_prob=x, behaviour_log_prob=x, truncation=truncation)
+
+
+def test_is_weights_scale_each_transitions_clipped_term():
+    # ratio = exp([0.5, 0]) vs old; clip 0.2: A = [1, -2]
+    # row 0: max(-1 * e^0.5, -1 * 1.2) = -1.2; row 1: max(2 * 1, 2 * 1) = 2
+    # weights [0.5, 1]: loss = mean([-0.6, 2]) = 0.7
+    log_prob, old = torch.tensor([0.5, 0.0]), torch.zeros(2)
+    advantages = torch.tensor([1.0, -2.0])
+    out = losses.ddpo_is_loss(log_prob=log_prob, old_log_prob=old, advantages=advantages, clip_range=0.2, is_weights=torch.tensor([0.5, 1.0]))
+    assert out.loss.item() == pytest.approx(0.7)
+    plain = losses.ddpo_is_loss(log_prob=log_prob, old_log_prob=old, advantages=advantages, clip_range=0.2)
+    assert plain.loss.item() == pytest.approx(0.4)
+
+
+def test_dpok_weights_the_policy_term_but_not_the_kl():
+    log_prob = _leaf([0.0, 0.0])
+    mean = torch.ones(2, 1, 1, 1) * 2.0
+    ref_mean, std = torch.ones(2, 1, 1, 1), torch.ones(2, 1, 1, 1)
+    args = dict(old_log_prob=torch.zeros(2), advantages=torch.tensor([1.0, 1.0]), mean=mean, ref_mean=ref_mean, std=std, beta=0.5, clip_range=0.2)
+    weighted = losses.dpok_loss(log_prob=log_prob, is_weights=torch.tensor([0.25, 0.25]), **args)
+    # policy term: mean(0.25 * -1) = -0.25; KL = (2 - 1)^2 / 2 = 0.5 per row, beta * 0.5 = 0.25
+    assert weighted.loss.item() == pytest.approx(-0.25 + 0.25)
+    assert weighted.stats["kl/mean"] == pytest.approx(0.5)
+
+
+def test_is_weights_of_the_wrong_shape_are_rejected():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="is_weights has shape"):
+        losses.ddpo_sf_loss(log_prob=x, advantages=x, is_weights=torch.ones(2))

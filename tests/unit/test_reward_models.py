@@ -248,8 +248,8 @@ def test_reward_worker_loads_models_at_start(tiny_reward_models, tmp_path):
     options = tiny_reward_models.options()["imagereward"]
     worker = RewardWorker(RewardConfig((RewardComponent("imagereward", options=options),)))
     images, prompts = toy_batch(3)
-    scores, info = worker.score(images, prompts, batch_index=0)
-    assert scores.shape == (3,) and set(info) == {"imagereward/score"}
+    scores, info, seconds = worker.score(images, prompts, batch_index=0)
+    assert scores.shape == (3,) and set(info) == {"imagereward/score"} and seconds > 0
 
     with pytest.raises(ValueError, match=r"reward 'imagereward'.*does not exist"):
         RewardWorker(RewardConfig((RewardComponent("imagereward", options={"weights": str(tmp_path / "nope")}),)))
