@@ -20,7 +20,7 @@ import torch
 from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference, truncated_is_weights
 from actors.policy import DiffusionPolicy, load_policy, unet_lora_state_dict
 from actors.trajectory import Trajectories, as_tensor
-from orchestrator.config import trained_timesteps
+from orchestrator.config import steps_per_pass, trained_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def deepspeed_config(learner, *, train_timesteps: int) -> dict[str, Any]:
     where each trajectory's ``train_timesteps`` steps take ``train_timesteps / timesteps_per_pass`` passes."""
     return {
         "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-        "gradient_accumulation_steps": learner.gradient_accumulation_steps * (train_timesteps // learner.timesteps_per_pass),
+        "gradient_accumulation_steps": learner.gradient_accumulation_steps * (train_timesteps // steps_per_pass(learner, train_timesteps)),
         "gradient_clipping": learner.max_grad_norm,
         "zero_optimization": {"stage": learner.zero_stage},
         # The optimizer is torch's AdamW, given by us: DeepSpeed's own Adam kernels need a CUDA or JIT build.
@@ -98,7 +98,7 @@ class Learner:
         if self.engine is not None:
             return
         train_timesteps = trained_timesteps(num_steps, self.train_cfg.timestep_fraction)
-        if train_timesteps % self._learner_cfg.timesteps_per_pass:
+        if train_timesteps % steps_per_pass(self._learner_cfg, train_timesteps):
             raise ValueError(
                 f"learner.timesteps_per_pass ({self._learner_cfg.timesteps_per_pass}) must divide the "
                 f"{train_timesteps} denoising steps trained per trajectory"
@@ -186,7 +186,7 @@ class Learner:
         for k, v in is_stats.items():
             stats[k] = [v]
         for order, step_order in plans:
-            per_pass = self._learner_cfg.timesteps_per_pass
+            per_pass = steps_per_pass(self._learner_cfg, train_timesteps)
             for start in range(0, batch, self.micro_batch_size):
                 rows = order[start : start + self.micro_batch_size]
                 for first in range(0, train_timesteps, per_pass):
@@ -248,7 +248,7 @@ class Learner:
             needed[np.arange(batch)[:, None], step_order] = True
         rows, cols = np.nonzero(needed)
         out = torch.full((batch, steps), float("nan"))
-        chunk = self.micro_batch_size * self._learner_cfg.timesteps_per_pass
+        chunk = self.micro_batch_size * steps_per_pass(self._learner_cfg, self._timesteps_per_trajectory)
         with torch.no_grad():
             for start in range(0, len(rows), chunk):
                 r = as_tensor(rows[start : start + chunk])

@@ -412,7 +412,8 @@ class LearnerConfig:
     accumulation over each trajectory's passes, see ``timesteps_per_pass``, on top); >= 1."""
 
     timesteps_per_pass: int = 1
-    """Denoising steps of each trajectory stacked into one forward/backward pass; >= 1.
+    """Denoising steps of each trajectory stacked into one forward/backward pass; >= 1,
+    or 0 for all of its trained steps in one pass (whatever their number).
     1 keeps activation memory at one UNet pass of ``micro_batch_size`` rows (what large
     models need); N runs ``micro_batch_size * N`` transitions per pass and cuts the number
     of passes N-fold, which pays on small models and CPUs where per-pass overhead
@@ -444,7 +445,7 @@ class LearnerConfig:
         _check_range(self, "zero_stage", low=0, high=3)
         _check_range(self, "micro_batch_size", low=1)
         _check_range(self, "gradient_accumulation_steps", low=1)
-        _check_range(self, "timesteps_per_pass", low=1)
+        _check_range(self, "timesteps_per_pass", low=0)
         _check_positive(self, "learning_rate")
         _check_range(self, "weight_decay", low=0)
         _check_range(self, "adam_beta1", low=0, high=1, high_open=True)
@@ -673,7 +674,7 @@ class Config:
                 f"{self.learner.gradient_accumulation_steps}",
             )
         trained = trained_timesteps(self.sampling.num_steps, self.train.timestep_fraction)
-        if trained % self.learner.timesteps_per_pass:
+        if self.learner.timesteps_per_pass and trained % self.learner.timesteps_per_pass:
             raise _FieldError(
                 "learner.timesteps_per_pass",
                 f"must divide the {trained} denoising steps trained per trajectory "
@@ -686,6 +687,11 @@ class Config:
     def samples_per_update(self) -> int:
         """Trajectories per update once the buffer is full: replay.samples_per_update, or the epoch's."""
         return self.replay.samples_per_update or self.train.samples_per_epoch
+
+
+def steps_per_pass(learner: "LearnerConfig", train_timesteps: int) -> int:
+    """Denoising steps per forward/backward pass: ``learner.timesteps_per_pass``, 0 meaning all trained steps."""
+    return learner.timesteps_per_pass or train_timesteps
 
 
 def trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
