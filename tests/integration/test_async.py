@@ -41,12 +41,12 @@ def test_async_trains_one_version_behind_with_importance_weights_and_no_leaks(ra
     refs = [m["memory/controller_refs"] for m in metrics]
     assert refs[1:-1] == [refs[1]] * (len(refs) - 2), refs
     assert refs[-1] <= refs[1]  # nothing launched after the last epoch
-    # At an epoch's end the next epoch is in flight, so a reading may catch some of its
-    # outputs, and Ray frees released objects asynchronously; a leak (say the weights of
-    # every version) would still push the readings past the early high-water mark.
+    # At an epoch's end the next epoch is in flight, so a reading may catch one of its
+    # outputs, and Ray frees released objects asynchronously: single readings blip by an
+    # object. A leak (say the weights of every version) would raise every later reading,
+    # so most epochs must end at epoch 1's level and no reading may double it.
     store = [m["memory/object_store_bytes"] for m in metrics]
-    early_peak = max(m["memory/object_store_peak_bytes"] for m in metrics[:2])
-    assert max(store) <= early_peak, (store, early_peak)
+    assert sorted(store)[len(store) // 2] == store[0] and max(store) < 2 * store[0], store
     rss = [m["memory/controller_rss_bytes"] for m in metrics]
     assert rss[-1] <= 1.05 * rss[1], rss  # after the warm-up epoch the controller's memory stays flat
 
