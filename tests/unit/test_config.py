@@ -302,7 +302,7 @@ def test_generic_type_errors():
         ("reward.components=[a, a]", ["reward.components must name each reward once", "'a'"]),
         ("reward.components=[' a']", ["reward.components[0].name must be a non-empty string", "' a'"]),
         ("reward.components=[{name: a, weight: .inf}]", ["reward.components[0].weight must be finite, got inf"]),
-        ("learner.timesteps_per_pass=0", ["learner.timesteps_per_pass must be >= 1, got 0"]),
+        ("learner.timesteps_per_pass=-1", ["learner.timesteps_per_pass must be >= 0, got -1"]),
         # defaults: 20 DDIM steps, timestep_fraction 1.0, so 20 steps trained per trajectory
         ("learner.timesteps_per_pass=3", ["learner.timesteps_per_pass", "must divide the 20 denoising steps trained per trajectory", "got 3"]),
     ],
