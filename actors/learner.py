@@ -20,7 +20,7 @@ import torch
 from actors.losses import AlgorithmParams, LossInputs, gaussian_kl, get_algorithm, needs_reference, truncated_is_weights
 from actors.policy import DiffusionPolicy, load_policy, unet_lora_state_dict
 from actors.trajectory import Trajectories, as_tensor
-from orchestrator.config import steps_per_pass, trained_timesteps
+from orchestrator.config import learning_rate_at, steps_per_pass, trained_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,11 @@ class Learner:
         ref = as_tensor(ref_means) if ref_means is not None else None
         tensors = {"latents": latents, "timesteps": timesteps, "prev_timesteps": prev_timesteps, "embeds": embeds, "negative": negative,
                    "pooled": pooled, "negative_pooled": negative_pooled}
-        stats: dict[str, list[float]] = {}
+        # The rate is a function of the epoch alone: a resumed run sets what an uninterrupted one would.
+        lr = learning_rate_at(self._learner_cfg, epoch=epoch, epochs=self.train_cfg.epochs)
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        stats: dict[str, list[float]] = {"optim/lr": [lr]}
         self.engine.train()
         plans = []
         for _ in range(self.train_cfg.inner_epochs):

@@ -421,7 +421,18 @@ class LearnerConfig:
     per trajectory, round(sampling.num_steps * train.timestep_fraction)."""
 
     learning_rate: float = 3e-4
-    """AdamW learning rate (DDPO uses 3e-4 for LoRA); > 0."""
+    """AdamW learning rate (DDPO uses 3e-4 for LoRA); > 0. The peak rate when
+    ``lr_schedule`` is not "constant"."""
+
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """How the learning rate moves over the run: "constant", or "cosine" (half a cosine
+    from ``learning_rate`` at the first epoch down to ``learning_rate * lr_final_fraction``
+    at the last of ``train.epochs``). Set per epoch from the epoch number, so a resumed run
+    uses the rate an uninterrupted one would."""
+
+    lr_final_fraction: float = 0.1
+    """With ``lr_schedule: cosine``, the last epoch's rate as a fraction of
+    ``learning_rate``; in [0, 1]."""
 
     weight_decay: float = 1e-4
     """AdamW weight decay; >= 0."""
@@ -447,6 +458,7 @@ class LearnerConfig:
         _check_range(self, "gradient_accumulation_steps", low=1)
         _check_range(self, "timesteps_per_pass", low=0)
         _check_positive(self, "learning_rate")
+        _check_range(self, "lr_final_fraction", low=0, high=1)
         _check_range(self, "weight_decay", low=0)
         _check_range(self, "adam_beta1", low=0, high=1, high_open=True)
         _check_range(self, "adam_beta2", low=0, high=1, high_open=True)
@@ -687,6 +699,15 @@ class Config:
     def samples_per_update(self) -> int:
         """Trajectories per update once the buffer is full: replay.samples_per_update, or the epoch's."""
         return self.replay.samples_per_update or self.train.samples_per_epoch
+
+
+def learning_rate_at(learner: "LearnerConfig", *, epoch: int, epochs: int) -> float:
+    """The learning rate of 1-based ``epoch`` of a run of ``epochs`` under ``learner.lr_schedule``."""
+    if learner.lr_schedule == "constant" or epochs <= 1:
+        return learner.learning_rate
+    progress = min(max(epoch - 1, 0), epochs - 1) / (epochs - 1)  # 0 at the first epoch, 1 at the last
+    floor = learner.lr_final_fraction
+    return learner.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def steps_per_pass(learner: "LearnerConfig", train_timesteps: int) -> int:

@@ -97,6 +97,21 @@ def test_two_learners_take_the_same_step_as_one(ray_cluster, tiny_pipeline_dir, 
     assert moved > 0
 
 
+def test_cosine_schedule_reaches_its_floor_at_the_last_epoch(ray_cluster, tiny_pipeline_dir, tmp_path):
+    # Floor 0: the last epoch trains at rate 0, so the optimizer (AdamW: weight decay is
+    # scaled by the rate too) leaves the weights exactly where the previous epoch put them.
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_pipeline_dir, **{"train.epochs": 3, "learner.lr_schedule": "cosine", "learner.lr_final_fraction": 0.0})
+    train(cfg, run, progress=False)
+    assert [m["optim/lr"] for m in read_metrics(run)] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-12)
+    second = load_file(str(run / "checkpoints" / "epoch_0002" / "lora" / "pytorch_lora_weights.safetensors"))
+    third = final_lora(run)
+    first_moves = max(float(np.abs(second[n]).max()) for n in second)
+    assert first_moves > 0
+    for name in third:
+        np.testing.assert_array_equal(third[name], second[name], err_msg=name)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import dataclasses
 import inspect
 import re
@@ -455,3 +456,25 @@ def test_replay_and_async_settings_are_checked_with_their_names():
         load_config({"replay": {"is_truncation": 0}})
     with pytest.raises(ValueError, match="train.mode"):
         load_config({"train": {"mode": "fast"}})
+
+
+def test_learning_rate_schedules():
+    from orchestrator.config import LearnerConfig, learning_rate_at
+
+    constant = LearnerConfig(learning_rate=1e-3)
+    assert [learning_rate_at(constant, epoch=e, epochs=5) for e in (1, 3, 5)] == [1e-3, 1e-3, 1e-3]
+    cosine = LearnerConfig(learning_rate=1e-3, lr_schedule="cosine", lr_final_fraction=0.1)
+    # Half a cosine from the peak at epoch 1 to 10 % at epoch 5; the midpoint is halfway.
+    rates = [learning_rate_at(cosine, epoch=e, epochs=5) for e in range(1, 6)]
+    assert rates[0] == pytest.approx(1e-3) and rates[2] == pytest.approx(0.55e-3) and rates[4] == pytest.approx(1e-4)
+    assert rates[1] == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # A one-epoch run trains at the peak; epochs past the end stay at the floor.
+    assert learning_rate_at(cosine, epoch=1, epochs=1) == 1e-3
+    assert learning_rate_at(cosine, epoch=7, epochs=5) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("field, value", [("lr_final_fraction", 1.5), ("lr_final_fraction", -0.1), ("lr_schedule", "linear")])
+def test_learning_rate_schedule_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"learner.{field}"):
+        from_dict(Config, {"learner": {field: value}})
