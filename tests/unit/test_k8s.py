@@ -7,6 +7,8 @@ config is checked against rayalign itself.
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,17 @@ def test_every_manifest_parses():
     for path in files:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert documents, path
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize) to compare with")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_python_renderer_matches_kubectl_kustomize(overlay):
+    # The other tests check what tests/helpers/kustomize.py renders; where kubectl is
+    # installed, check that it is what the real kustomize renders too.
+    real = [d for d in yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], check=True,
+                                                         capture_output=True, text=True).stdout) if d]
+    key = lambda obj: (obj["kind"], obj["metadata"]["name"])  # noqa: E731
+    assert sorted(render(K8S / "overlays" / overlay), key=key) == sorted(real, key=key)
 
 
 def test_overlays_hold_the_whole_deployment(rendered):
