@@ -140,7 +140,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last complete checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default: max(8, cores))")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only); the default when stderr is not a terminal (a Ray Job's log, a file)")
     p.set_defaults(run=run_train)
 
 
@@ -159,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("give --preset NAME or --config FILE (or --resume to continue a run)")
     else:
         cfg = None
-    output = train(cfg, args.output_dir, resume=args.resume, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress)
+    output = train(cfg, args.output_dir, resume=args.resume, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress and sys.stderr.isatty())
     metrics = read_metrics(output)
     if metrics:
         last = metrics[-3:]
