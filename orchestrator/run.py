@@ -102,7 +102,9 @@ def connect(address: str | None, num_cpus: int | None) -> None:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
     else:
         # Logical CPUs can exceed physical ones: pools take fractions and mostly wait on each other.
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        # address="local": always a new cluster. A bare ray.init() would attach to any cluster that
+        # `ray start` left running on this machine (and then refuse num_cpus).
+        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
 
 
 def train(
