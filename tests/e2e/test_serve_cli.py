@@ -102,7 +102,11 @@ def test_serve_follows_a_training_run_on_two_replicas_and_stops_on_ctrl_c(tiny_p
         wait_until(process, output, lambda: every_replica_serves(second), "both replicas serving the new checkpoint", timeout_s=60)
 
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            # Seen once in a full CI run (not reproduced alone): show where the shutdown stood.
+            pytest.fail(f"serve did not exit within 120 s of Ctrl-C; its output so far:\n{output.text[-4000:]}")
         output.thread.join(10)
     finally:
         if process.poll() is None:
