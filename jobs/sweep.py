@@ -182,13 +182,16 @@ class TrialRow:
         }
 
 
-def trial_row(run_dir: Path, *, metric: str, mode: str, epochs: int, error: str = "") -> TrialRow:
-    """A trial's row from its run directory (what the run itself recorded)."""
+def trial_row(run_dir: Path, *, metric: str, mode: str, epochs: int, error: str = "", interrupted: bool = False) -> TrialRow:
+    """A trial's row from its run directory (what the run itself recorded).
+
+    ``interrupted``: the sweep stopped while this trial was unfinished (``--resume`` continues it).
+    """
     params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else {}
     values = [m[metric] for m in read_metrics(run_dir) if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
     done = len(read_metrics(run_dir))
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    status = "ERROR" if error else ("COMPLETED" if done >= epochs else "STOPPED")
+    status = "ERROR" if error else "INTERRUPTED" if interrupted else "COMPLETED" if done >= epochs else "STOPPED"
     pick = max if mode == "max" else min
     return TrialRow(
         trial_id=run_dir.name,
@@ -255,6 +258,18 @@ def _check_output_dir(sweep: SweepConfig, output_dir: Path, *, resume: bool) -> 
         raise ValueError(f"{output_dir} already holds a sweep; pass --resume to continue it, or choose a new --output-dir")
 
 
+def saved_trial_states(tune_path: Path) -> dict[str, str]:
+    """Each trial's status (trial id -> Tune's status) in the experiment state Tune saved.
+
+    Read from disk, not from ``tuner.fit()``'s results: when a sweep is interrupted, Tune saves
+    its state with the trials in flight unfinished (what ``--resume`` continues), then stops
+    them, and the results it returns call them TERMINATED like trials that ran to the end.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(tune_path)).trials}
+
+
 def sweep(sweep_cfg: SweepConfig, output_dir: str | os.PathLike, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None) -> int:
     """Run (or resume) the sweep; returns the CLI exit status (0 when every trial ran without error)."""
     import ray
@@ -316,14 +331,17 @@ def sweep(sweep_cfg: SweepConfig, output_dir: str | os.PathLike, *, resume: bool
         if result.error is not None:
             errors[Path(result.path).name] = str(result.error).strip().splitlines()[-1][:500]
     run_dirs = sorted(p for p in (output_dir / TRIALS_DIR).iterdir() if p.is_dir() and ".incomplete-" not in p.name) if (output_dir / TRIALS_DIR).is_dir() else []
-    rows = [trial_row(p, metric=sweep_cfg.metric, mode=sweep_cfg.mode, epochs=base.train.epochs, error=errors.get(p.name, "")) for p in run_dirs]
+    states = saved_trial_states(tune_path)
+    unfinished = {trial_id for trial_id, status in states.items() if status not in ("TERMINATED", "ERROR")}
+    rows = [trial_row(p, metric=sweep_cfg.metric, mode=sweep_cfg.mode, epochs=base.train.epochs, error=errors.get(p.name, ""),
+                      interrupted=p.name in unfinished) for p in run_dirs]
     best = write_results(rows, output_dir, metric=sweep_cfg.metric, mode=sweep_cfg.mode)
     print(format_rows(rows, metric=sweep_cfg.metric, mode=sweep_cfg.mode), flush=True)
     print(f"wrote {output_dir / 'results.csv'} and {output_dir / 'results.parquet'}", flush=True)
     if best is not None:
         print(f"best trial {best.trial_id}: {sweep_cfg.metric} {best.last:.4f} with {best.params}", flush=True)
         print(f"best config: {output_dir / 'best_config.yaml'}; best checkpoint: {best.checkpoint or 'none written'}", flush=True)
-    finished = grid.num_terminated + grid.num_errors
+    finished = len(states) - len(unfinished)
     if finished < total:
         print(f"sweep interrupted with {finished} of {total} trials finished; continue it with --resume", flush=True)
         return 130

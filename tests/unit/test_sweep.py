@@ -107,6 +107,10 @@ def test_results_table_and_best_trial(tmp_path):
     write_run(trials / "t2", [0.8], params={"learner.learning_rate": 1e-2}, checkpoint_epoch=1)  # stopped early by ASHA
     rows = [trial_row(trials / name, metric="reward/mean", mode="max", epochs=2) for name in ("t0", "t1", "t2")]
     assert [r.status for r in rows] == ["COMPLETED", "COMPLETED", "STOPPED"]
+    # Unfinished in Tune's saved state: interrupted, even with every epoch's metrics written
+    # (the sweep stopped before the last checkpoint was taken).
+    assert trial_row(trials / "t0", metric="reward/mean", mode="max", epochs=2, interrupted=True).status == "INTERRUPTED"
+    assert trial_row(trials / "t2", metric="reward/mean", mode="max", epochs=2, interrupted=True, error="boom").status == "ERROR"
     assert rows[1].checkpoint.endswith("checkpoints/epoch_0002")
     best = write_results(rows, tmp_path, metric="reward/mean", mode="max")
     assert best.trial_id == "t2"  # the best metric at a trial's last epoch
