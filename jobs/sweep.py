@@ -135,6 +135,13 @@ def prepare_trial_dir(run_dir: Path) -> bool:
     return False
 
 
+def trial_run_dirs(output_dir: Path) -> list[Path]:
+    """The trials' run directories, not the ones moved aside, sorted by trial id (Tune's trial
+    ids end in their creation index, ``<experiment>_00002``, so this is the order they started)."""
+    trials = Path(output_dir) / TRIALS_DIR
+    return sorted(p for p in trials.iterdir() if p.is_dir() and ".incomplete-" not in p.name) if trials.is_dir() else []
+
+
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], output_dir: str) -> None:
     """The Tune trainable: one complete training run with the trial's parameters."""
     from ray import tune
@@ -188,8 +195,9 @@ def trial_row(run_dir: Path, *, metric: str, mode: str, epochs: int, error: str 
     ``interrupted``: the sweep stopped while this trial was unfinished (``--resume`` continues it).
     """
     params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else {}
-    values = [m[metric] for m in read_metrics(run_dir) if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
-    done = len(read_metrics(run_dir))
+    metrics = read_metrics(run_dir)
+    values = [m[metric] for m in metrics if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    done = len(metrics)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     status = "ERROR" if error else "INTERRUPTED" if interrupted else "COMPLETED" if done >= epochs else "STOPPED"
     pick = max if mode == "max" else min
@@ -330,11 +338,10 @@ def sweep(sweep_cfg: SweepConfig, output_dir: str | os.PathLike, *, resume: bool
     for result in grid:
         if result.error is not None:
             errors[Path(result.path).name] = str(result.error).strip().splitlines()[-1][:500]
-    run_dirs = sorted(p for p in (output_dir / TRIALS_DIR).iterdir() if p.is_dir() and ".incomplete-" not in p.name) if (output_dir / TRIALS_DIR).is_dir() else []
     states = saved_trial_states(tune_path)
     unfinished = {trial_id for trial_id, status in states.items() if status not in ("TERMINATED", "ERROR")}
     rows = [trial_row(p, metric=sweep_cfg.metric, mode=sweep_cfg.mode, epochs=base.train.epochs, error=errors.get(p.name, ""),
-                      interrupted=p.name in unfinished) for p in run_dirs]
+                      interrupted=p.name in unfinished) for p in trial_run_dirs(output_dir)]
     best = write_results(rows, output_dir, metric=sweep_cfg.metric, mode=sweep_cfg.mode)
     print(format_rows(rows, metric=sweep_cfg.metric, mode=sweep_cfg.mode), flush=True)
     print(f"wrote {output_dir / 'results.csv'} and {output_dir / 'results.parquet'}", flush=True)

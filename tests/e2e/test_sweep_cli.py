@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from jobs.sweep import trial_run_dirs
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import load_config
 from orchestrator.metrics import read_metrics
@@ -54,12 +55,6 @@ class Sweep:
         return self.process.returncode, self.log.read_text()
 
 
-def trial_dirs(out):
-    """The trials' run directories (not the ones moved aside) in the order Tune created the
-    trials: a trial id ends in its index (``<experiment>_00002``)."""
-    return sorted(p for p in (out / "trials").glob("*") if ".incomplete-" not in p.name) if (out / "trials").is_dir() else []
-
-
 def checkpointed_trials(out):
     return [p for p in (out / "trials").glob("*") if ckpt.latest_checkpoint(p / "checkpoints")]
 
@@ -87,8 +82,9 @@ def test_sweep_interrupted_resumes_and_picks_the_best_trial(tmp_path):
         time.sleep(0.5)
     os.killpg(first.process.pid, signal.SIGINT)
     returncode, log = first.wait(timeout=180)
-    interrupted = {p.name: read_metrics(p) for p in checkpointed_trials(out)}
-    kept = {p.name: ckpt.read_state(ckpt.latest_checkpoint(p / "checkpoints"))["epoch"] for p in checkpointed_trials(out)}
+    checkpointed = checkpointed_trials(out)
+    interrupted = {p.name: read_metrics(p) for p in checkpointed}
+    kept = {p.name: ckpt.read_state(ckpt.latest_checkpoint(p / "checkpoints"))["epoch"] for p in checkpointed}
     assert returncode == 130, log[-5000:]
     assert "continue it with --resume" in log
 
@@ -96,7 +92,7 @@ def test_sweep_interrupted_resumes_and_picks_the_best_trial(tmp_path):
     # flight as it stops a finished one, and the sweep must still say interrupted, not done.
     second = Sweep(sweep_file, out, tmp_path / "second.log", "--resume")
     deadline = time.monotonic() + 600
-    while len(started := trial_dirs(out)) < 3 or not (started[-1] / "params.json").exists():
+    while len(started := trial_run_dirs(out)) < 3 or not (started[-1] / "params.json").exists():
         if second.process.poll() is not None or time.monotonic() > deadline:
             returncode, log = second.wait(timeout=0)
             raise AssertionError(f"the third trial did not start (exit status {returncode}):\n{log[-5000:]}")
@@ -114,7 +110,7 @@ def test_sweep_interrupted_resumes_and_picks_the_best_trial(tmp_path):
     returncode, log = Sweep(sweep_file, out, tmp_path / "resumed.log", "--resume").wait(timeout=900)
     assert returncode == 0, log[-5000:]
 
-    runs = {p.name: p for p in trial_dirs(out)}
+    runs = {p.name: p for p in trial_run_dirs(out)}
     assert len(runs) == 3
     last = {}
     for trial_id, run in runs.items():
