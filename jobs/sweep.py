@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
+INCOMPLETE_MARK = ".incomplete-"
+"""In the name of a trial run moved aside because it had no checkpoint: ``<trial>.incomplete-N``."""
 
 
 def load_sweep(path: str | os.PathLike) -> SweepConfig:
@@ -127,7 +129,7 @@ def prepare_trial_dir(run_dir: Path) -> bool:
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         for n in itertools.count(1):
-            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{n}")
+            aside = run_dir.with_name(f"{run_dir.name}{INCOMPLETE_MARK}{n}")
             if not aside.exists():
                 run_dir.rename(aside)
                 logger.warning("trial run %s had no complete checkpoint; moved it to %s and starting the trial over", run_dir, aside)
@@ -139,7 +141,7 @@ def trial_run_dirs(output_dir: Path) -> list[Path]:
     """The trials' run directories, not the ones moved aside, sorted by trial id (Tune's trial
     ids end in their creation index, ``<experiment>_00002``, so this is the order they started)."""
     trials = Path(output_dir) / TRIALS_DIR
-    return sorted(p for p in trials.iterdir() if p.is_dir() and ".incomplete-" not in p.name) if trials.is_dir() else []
+    return sorted(p for p in trials.iterdir() if p.is_dir() and INCOMPLETE_MARK not in p.name) if trials.is_dir() else []
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], output_dir: str) -> None:

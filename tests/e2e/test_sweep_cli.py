@@ -56,7 +56,7 @@ class Sweep:
 
 
 def checkpointed_trials(out):
-    return [p for p in (out / "trials").glob("*") if ckpt.latest_checkpoint(p / "checkpoints")]
+    return [p for p in trial_run_dirs(out) if ckpt.latest_checkpoint(p / "checkpoints")]
 
 
 # Wall-clock and memory measurements: the only fields a redone epoch may change.
