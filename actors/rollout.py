@@ -26,6 +26,8 @@ class RolloutWorker:
         torch.set_num_threads(num_threads)
         self.sampling = sampling
         self.policy = load_policy(model)
+        if self.policy.lora_config is not None and sampling.merge_lora:
+            self.policy.merge_lora()  # stays merged across weight loads; a no-op for half precision
 
     def sample(self, prompts: list[str], seeds: list[int], version: int | None = None, weights: dict[str, np.ndarray] | None = None) -> tuple[Trajectories, np.ndarray, dict[str, float]]:
         """Sample with policy ``version``: its ``weights`` are loaded first unless already held.

