@@ -17,6 +17,7 @@ from actors.pipelines import SD, SDXL, detect_family
 from actors.policy import DiffusionPolicy, load_policy
 from actors.trajectory import Trajectories
 from orchestrator.config import LoRAConfig, ModelConfig
+from tests.helpers.transitions import step_inputs
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle in the center"]
 VARIANTS = ["sd15", "sd2-v", "sdxl"]
@@ -136,16 +137,7 @@ def _saved_bytes_and_grads(policy: DiffusionPolicy, trajectories: Trajectories) 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = policy.log_prob(
-            latents=torch.from_numpy(trajectories.latents[:, 0]),
-            next_latents=torch.from_numpy(trajectories.latents[:, 1]),
-            timesteps=torch.full((3,), int(trajectories.timesteps[0])),
-            prev_timesteps=torch.full((3,), int(trajectories.prev_timesteps[0])),
-            prompt_embeds=torch.from_numpy(trajectories.prompt_embeds),
-            negative_prompt_embeds=torch.from_numpy(trajectories.negative_prompt_embeds),
-            guidance_scale=trajectories.guidance_scale,
-            eta=trajectories.eta,
-        )
+        out = policy.log_prob(**step_inputs(trajectories))
     out.log_prob.sum().backward()
     grads = [p.grad.clone() for p in policy.trainable_parameters()]
     policy.unet.zero_grad(set_to_none=True)

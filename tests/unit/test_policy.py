@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from actors.policy import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, DiffusionPolicy
+from tests.helpers.transitions import step_inputs
 
 PROMPTS = ["a red circle on the left", "an orange square at the top", "a blue triangle in the center", "a green circle at the bottom", "a purple square on the right", "a yellow triangle at the top"]
 
@@ -49,17 +50,7 @@ def test_recompute_matches_with_full_finetune_and_sum_reduction(tiny_pipeline_di
 
 def test_log_prob_changes_with_weights_and_has_gradients(lora_policy):
     trajectories, _ = lora_policy.sample(PROMPTS[:2], seeds=[0, 1], num_steps=2)
-    step = 0
-    out = lora_policy.log_prob(
-        latents=torch.from_numpy(trajectories.latents[:, step]),
-        next_latents=torch.from_numpy(trajectories.latents[:, step + 1]),
-        timesteps=torch.full((2,), int(trajectories.timesteps[step])),
-        prev_timesteps=torch.full((2,), int(trajectories.prev_timesteps[step])),
-        prompt_embeds=torch.from_numpy(trajectories.prompt_embeds),
-        negative_prompt_embeds=torch.from_numpy(trajectories.negative_prompt_embeds),
-        guidance_scale=trajectories.guidance_scale,
-        eta=trajectories.eta,
-    )
+    out = lora_policy.log_prob(**step_inputs(trajectories))
     out.log_prob.sum().backward()
     grads = [p.grad for p in lora_policy.trainable_parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
@@ -200,16 +191,7 @@ def test_a_merged_policy_refuses_to_compute_gradients_and_half_precision_stays_u
     policy = _adapter_policy(tiny_pipeline_dir, seed=1)
     trajectories, _ = policy.sample(PROMPTS[:2], seeds=[0, 1], num_steps=2)
     policy.merge_lora()
-    batch = dict(
-        latents=torch.from_numpy(trajectories.latents[:, 0]),
-        next_latents=torch.from_numpy(trajectories.latents[:, 1]),
-        timesteps=torch.full((2,), int(trajectories.timesteps[0])),
-        prev_timesteps=torch.full((2,), int(trajectories.prev_timesteps[0])),
-        prompt_embeds=torch.from_numpy(trajectories.prompt_embeds),
-        negative_prompt_embeds=torch.from_numpy(trajectories.negative_prompt_embeds),
-        guidance_scale=1.0,
-        eta=1.0,
-    )
+    batch = step_inputs(trajectories)
     with pytest.raises(RuntimeError, match="unmerge_lora"):
         policy.log_prob(**batch)
     with torch.no_grad():
