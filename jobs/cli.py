@@ -94,6 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     logger.info("loading %s%s", model_path, f" + LoRA {lora}" if lora else "")
     if lora:
         policy = DiffusionPolicy.from_pretrained(model_path, finetune="lora", lora_path=lora, dtype=args.dtype, device=args.device)
+        policy.merge_lora()  # eval only samples: fold the adapter in (float32 only; same images to rounding)
     else:
         policy = DiffusionPolicy.from_pretrained(model_path, finetune="full", dtype=args.dtype, device=args.device)
     logger.info("%d prompts x %d images, %d DDIM steps, guidance %.2f, reward %s", len(prompts), args.num_per_prompt, sampling.num_steps, sampling.guidance_scale, reward.name)

@@ -37,6 +37,32 @@ def test_eval_writes_scores_and_grid(tiny_pipeline_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(again.with_suffix(".png"))), grid)
 
 
+def test_eval_with_an_adapter_samples_what_the_unmerged_adapter_samples(tiny_pipeline_dir, tmp_path):
+    # eval folds the adapter into the weights for speed; its images must be the adapter's own.
+    from actors.evaluate import evaluate
+    from actors.images import make_grid
+    from actors.policy import DiffusionPolicy
+    from actors.rewards import build_reward
+    from tests.helpers.adapters import make_adapter
+
+    adapter = make_adapter(tiny_pipeline_dir, tmp_path / "adapter", seed=3, target_modules=("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"))
+    prompts = ["a red circle on the left", "an orange square at the top"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = ("--model", tiny_pipeline_dir, "--prompts", tmp_path / "prompts.txt", "--reward", "toy_fidelity", "--num-per-prompt", 2, "--seed", 5, "--steps", 3, "--eta", 1, "--guidance-scale", 3)
+    assert (result := rayalign("eval", *common, "--output", tmp_path / "base.json")).returncode == 0, result.stderr
+    assert (result := rayalign("eval", *common, "--lora", adapter, "--output", tmp_path / "adapted.json")).returncode == 0, result.stderr
+    assert json.loads((tmp_path / "adapted.json").read_text())["lora"] == str(adapter)
+    base = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
+    adapted = np.asarray(Image.open(tmp_path / "adapted.png"), dtype=np.int16)
+    assert np.abs(adapted - base).mean() > 1.0, "the adapter did not change the images"
+
+    unmerged = DiffusionPolicy.from_pretrained(tiny_pipeline_dir, finetune="lora", lora_path=adapter, device="cpu")
+    assert not unmerged.lora_merged
+    expected = evaluate(unmerged, prompts, build_reward("toy_fidelity"), num_per_prompt=2, seed=5, num_steps=3, eta=1.0, guidance_scale=3.0, batch_size=4, progress=False)
+    grid = np.asarray(make_grid(expected.images, columns=2), dtype=np.int16)
+    assert np.abs(adapted - grid).max() <= 1  # float rounding may move a pixel by one level
+
+
 def test_eval_combined_reward_and_builtin_prompts(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "combo.json"
     result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "toy_fidelity=0.5", "--reward", "jpeg_compressibility=0.1",
