@@ -12,12 +12,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from actors.prompts import BUILTIN_PROMPT_SETS, read_prompts  # noqa: F401  (re-exported for callers)
-from actors.rewards import CombinedReward, score_batch
+from actors.rewards.registry import CombinedReward, score_batch
 
 if TYPE_CHECKING:
-    from actors.policy import DiffusionPolicy
+    from actors.diffusion.policy import Policy
 
 logger = logging.getLogger(__name__)
+
 
 def sample_seed(base_seed: int, prompt: str, index: int) -> int:
     """Seed of the ``index``-th image of ``prompt``: independent of the prompt's position in the file."""
@@ -38,7 +39,7 @@ class EvalResult:
 
 
 def evaluate(
-    policy: "DiffusionPolicy",
+    policy: "Policy",
     prompts: Sequence[str],
     reward: CombinedReward,
     *,
@@ -62,7 +63,9 @@ def evaluate(
     for batch_index, start in enumerate(range(0, len(jobs), batch_size)):
         chunk = jobs[start : start + batch_size]
         batch_prompts = [p for p, _ in chunk]
-        _, batch_images = policy.sample(batch_prompts, seeds=[s for _, s in chunk], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+        _, batch_images = policy.sample(
+            batch_prompts, seeds=[s for _, s in chunk], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale
+        )
         batch_scores, info = score_batch(reward, batch_images, batch_prompts, batch_index=batch_index)
         scores.append(batch_scores)
         images.append(batch_images)

@@ -5,15 +5,56 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from actors import toy_world
+from actors.toy import world as toy_world
 
 logger = logging.getLogger(__name__)
 
 ANIMALS = (
-    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
-    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
-    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
-    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+    "cat",
+    "dog",
+    "horse",
+    "monkey",
+    "rabbit",
+    "zebra",
+    "spider",
+    "bird",
+    "sheep",
+    "deer",
+    "cow",
+    "goat",
+    "lion",
+    "tiger",
+    "bear",
+    "raccoon",
+    "fox",
+    "wolf",
+    "lizard",
+    "beetle",
+    "ant",
+    "butterfly",
+    "fish",
+    "shark",
+    "whale",
+    "dolphin",
+    "squirrel",
+    "mouse",
+    "rat",
+    "snake",
+    "turtle",
+    "frog",
+    "chicken",
+    "duck",
+    "goose",
+    "bee",
+    "pig",
+    "turkey",
+    "fly",
+    "llama",
+    "camel",
+    "bat",
+    "gorilla",
+    "hedgehog",
+    "kangaroo",
 )
 """The 45 common animal names DDPO trains its aesthetic and compressibility runs on (Black et al. 2023, sec. 6)."""
 
@@ -32,7 +73,9 @@ def read_prompts(source: str) -> list[str]:
         return BUILTIN_PROMPT_SETS[source]()
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"prompt file {source!r} does not exist; give a text file with one prompt per line, or one of: {', '.join(BUILTIN_PROMPT_SETS)}")
+        raise ValueError(
+            f"prompt file {source!r} does not exist; give a text file with one prompt per line, or one of: {', '.join(BUILTIN_PROMPT_SETS)}"
+        )
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:

@@ -22,6 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
+from actors.storage import is_uri
+from jobs.cli import build_parser
+
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -54,7 +60,9 @@ def find_auth_token(environ: Mapping[str, str], home: Path) -> str | None:
         try:
             token = Path(path_text).expanduser().read_text().strip()
         except OSError as error:
-            raise ValueError(f"{TOKEN_PATH_ENV}={path_text!r} cannot be read ({error.strerror or error}); fix the path or unset it") from None
+            raise ValueError(
+                f"{TOKEN_PATH_ENV}={path_text!r} cannot be read ({error.strerror or error}); fix the path or unset it"
+            ) from None
         if not token:
             raise ValueError(f"{TOKEN_PATH_ENV}={path_text!r} is empty; write the cluster's token into it or unset it")
         return token
@@ -75,13 +83,14 @@ def job_entrypoint(rayalign_args: Sequence[str]) -> str:
         ValueError: no command, ``submit`` itself, arguments ``rayalign`` rejects, or a
             relative output path.
     """
-    from jobs.cli import build_parser
 
     args = list(rayalign_args)
     if args and args[0] == "--":
         args = args[1:]
     if not args:
-        raise ValueError("give the rayalign command to run after --, e.g. rayalign submit --address URL -- train --preset toy-ddpo --output-dir /runs/r1")
+        raise ValueError(
+            "give the rayalign command to run after --, e.g. rayalign submit --address URL -- train --preset toy-ddpo --output-dir /runs/r1"
+        )
     if args[0] == "submit":
         raise ValueError("a job cannot run `rayalign submit`; give the command the job should run, e.g. -- train ...")
     parser = build_parser()
@@ -89,16 +98,20 @@ def job_entrypoint(rayalign_args: Sequence[str]) -> str:
         parsed, unknown = parser.parse_known_args(args)
     except (argparse.ArgumentError, SystemExit) as error:
         # argparse still exits (after printing usage) for a missing required argument.
-        raise ValueError(f"`rayalign {shlex.join(args)}` is not a valid rayalign command line ({error if isinstance(error, argparse.ArgumentError) else 'see the usage above'})") from None
+        raise ValueError(
+            f"`rayalign {shlex.join(args)}` is not a valid rayalign command line "
+            f"({error if isinstance(error, argparse.ArgumentError) else 'see the usage above'})"
+        ) from None
     if unknown:
         raise ValueError(f"rayalign {shlex.join(args)}: unrecognized arguments: {' '.join(unknown)}")
     for flag in _OUTPUT_FLAGS:
         dest = flag[2:].replace("-", "_")
         value = getattr(parsed, dest, None)
-        if value is not None and not Path(value).is_absolute():
+        if value is not None and not is_uri(value) and not Path(value).is_absolute():
             raise ValueError(
                 f"{flag} {value!r} is relative: a job runs in a temporary copy of its working directory, so the output "
-                f"would be lost; give an absolute path on storage the cluster's nodes share, e.g. {flag} /runs/{Path(value).name}"
+                f"would be lost; give an object-store URI (e.g. {flag} s3://BUCKET/runs/{Path(value).name}) or an absolute "
+                f"path on storage the cluster's nodes share (e.g. {flag} /runs/{Path(value).name})"
             )
     return shlex.join(["rayalign", *args])
 
@@ -126,8 +139,6 @@ def runtime_env(*, working_dir: str | None, env: Sequence[str]) -> dict[str, Any
 
 def connect(address: str, *, token: str | None):
     """A ``JobSubmissionClient`` for ``address``, with errors that say what to fix."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -165,7 +176,6 @@ def submit(
     Returns 0 when the job succeeded (or was submitted, without ``wait``), 1 when it
     failed or was stopped.
     """
-    from ray.exceptions import AuthenticationError
 
     out = out or sys.stdout
     entrypoint = job_entrypoint(rayalign_args)
@@ -193,8 +203,9 @@ def submit(
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _submit_when_ready(client, *, entrypoint: str, runtime_env: dict[str, Any], submission_id: str | None, out: TextIO,
-                       timeout_s: float = AGENT_WAIT_S) -> str:
+def _submit_when_ready(
+    client, *, entrypoint: str, runtime_env: dict[str, Any], submission_id: str | None, out: TextIO, timeout_s: float = AGENT_WAIT_S
+) -> str:
     """Submit, waiting while a cluster that has just started has no job agent yet."""
     deadline = time.monotonic() + timeout_s
     waited = False
@@ -225,3 +236,18 @@ def _final_status(client, job_id: str, timeout_s: float = 60.0) -> tuple[str, st
         if status in TERMINAL_STATES or time.monotonic() > deadline:
             return status, info.message or ""
         time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``rayalign submit``."""
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("give --address http://HEAD:8265 (the dashboard URL) or set RAY_ADDRESS")
+    return submit(
+        address=address,
+        rayalign_args=args.rayalign_args,
+        working_dir=args.working_dir,
+        env=args.env,
+        submission_id=args.submission_id,
+        wait=not args.no_wait,
+    )

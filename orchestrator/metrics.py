@@ -7,9 +7,28 @@ import math
 from pathlib import Path
 from typing import Any
 
+import psutil
+import ray
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+from orchestrator.rundir import METRICS_FILE, TENSORBOARD_DIR, RunDir
+
 REQUIRED_KEYS = (
-    "epoch", "policy_version", "samples", "reward/mean", "reward/std", "kl/mean", "policy/clipfrac", "policy/approx_kl",
-    "time/rollout_s", "time/reward_s", "time/reference_s", "time/learn_s", "time/sync_s", "time/epoch_s", "throughput/samples_per_s",
+    "epoch",
+    "policy_version",
+    "samples",
+    "reward/mean",
+    "reward/std",
+    "kl/mean",
+    "policy/clipfrac",
+    "policy/approx_kl",
+    "time/rollout_s",
+    "time/reward_s",
+    "time/reference_s",
+    "time/learn_s",
+    "time/sync_s",
+    "time/epoch_s",
+    "throughput/samples_per_s",
 )
 
 
@@ -20,20 +39,27 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends epoch metrics; on resume drops lines from epochs after the checkpoint."""
+    """Appends epoch metrics (and TensorBoard events) in the run's working directory and publishes
+    them to the run after every epoch; on resume drops lines from epochs after the checkpoint."""
 
-    def __init__(self, output_dir: Path, *, resume_epoch: int | None = None, tensorboard: bool = True):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, run: RunDir, *, resume_epoch: int | None = None, tensorboard: bool = True):
+        self.run = run
+        self.path = run.workdir / METRICS_FILE
+        if resume_epoch is not None:
+            run.pull(METRICS_FILE)
+            run.pull(TENSORBOARD_DIR)
         if resume_epoch is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
-        self._tb = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # lazy: a second of imports the driver, which only reads metrics, never needs
 
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(run.workdir / TENSORBOARD_DIR))
+        else:
+            self._tb = None
 
     def write(self, metrics: dict[str, Any]) -> None:
         missing = [key for key in REQUIRED_KEYS if key not in metrics]
@@ -47,6 +73,8 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "epoch":
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+            self.run.publish(TENSORBOARD_DIR)
+        self.run.publish(METRICS_FILE)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -59,9 +87,6 @@ def memory_stats() -> dict[str, float]:
     Called by the controller at the end of each epoch: a leaked ref shows as refs and
     store bytes that keep growing from epoch to epoch.
     """
-    import psutil
-    import ray
-
     worker = ray._private.worker.global_worker
     return {
         "memory/controller_rss_bytes": float(psutil.Process().memory_info().rss),
@@ -72,16 +97,14 @@ def memory_stats() -> dict[str, float]:
 
 def object_store_bytes() -> int:
     """Bytes in use in the cluster's object store (shared memory, all nodes)."""
-    import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
     # Ray has no public call for the store's usage; `ray memory --stats-only` reads this reply.
     reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "metrics.jsonl"
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics rows of the run in ``output_dir``, a path or a URI (empty before its first epoch)."""
+    path = RunDir(output_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -91,6 +114,7 @@ def summary_line(m: dict[str, Any], total_epochs: int) -> str:
     kl_text = f"{kl:.2e}" if isinstance(kl, float) and math.isfinite(kl) else "n/a"
     return (
         f"epoch {m['epoch']:>3}/{total_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | kl {kl_text} | "
-        f"clipfrac {m['policy/clipfrac']:.3f} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, reward {m['time/reward_s']:.1f}, "
-        f"ref {m['time/reference_s']:.1f}, learn {m['time/learn_s']:.1f}, sync {m['time/sync_s']:.2f}) | {m['throughput/samples_per_s']:.2f} samples/s"
+        f"clipfrac {m['policy/clipfrac']:.3f} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, "
+        f"reward {m['time/reward_s']:.1f}, ref {m['time/reference_s']:.1f}, learn {m['time/learn_s']:.1f}, "
+        f"sync {m['time/sync_s']:.2f}) | {m['throughput/samples_per_s']:.2f} samples/s"
     )

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from actors.trajectory import Trajectories
+from actors.diffusion.trajectory import Trajectories
+from actors.storage import Location
 
 ChunkKey = tuple[int, int]
 """(epoch, chunk): one rollout call's output, the unit the object store holds."""
@@ -124,21 +127,39 @@ def staleness_stats(entries: Sequence[ReplayEntry], *, learner_version: int) -> 
 
 # --------------------------------------------------------------------------- persistence
 
-_PER_SAMPLE = ("latents", "log_probs", "prompt_embeds")
-_SHARED = ("timesteps", "prev_timesteps", "negative_prompt_embeds")
+_PER_SAMPLE = ("latents", "log_probs", "prompt_embeds", "pooled_prompt_embeds")
+_SHARED = ("timesteps", "prev_timesteps", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+_OPTIONAL = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+"""Arrays only some families have (SDXL's and SD3's pooled embeddings): a null cell where absent, and
+no column at all in files written before they were saved."""
 
 
-def write_replay(path: Path, entries: Sequence[ReplayEntry], fetch: Callable[[ChunkKey], tuple[Trajectories, np.ndarray | None]]) -> int:
+def write_replay(
+    path: str | os.PathLike | Location, entries: Sequence[ReplayEntry], fetch: Callable[[ChunkKey], tuple[Trajectories, np.ndarray | None]]
+) -> int:
     """Write ``entries`` and their arrays (from ``fetch(chunk key)``) to one Parquet file.
 
     Arrays are stored as their raw bytes, with dtype and shape in the schema metadata,
     so :func:`read_replay` gives back bit-identical arrays. Returns the rows written.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns: dict[str, list[Any]] = {f.name: [] for f in dataclasses.fields(ReplayEntry)}
-    columns.update({name: [] for name in (*_PER_SAMPLE, *_SHARED, "ref_means", "seed", "guidance_scale", "eta", "num_inference_steps", "chunk_version")})
+    columns.update(
+        {
+            name: []
+            for name in (
+                *_PER_SAMPLE,
+                *_SHARED,
+                "ref_means",
+                "seed",
+                "guidance_scale",
+                "eta",
+                "num_inference_steps",
+                "first_step",
+                "chunk_version",
+            )
+        }
+    )
     layout: dict[str, Any] = {}
     cache: dict[ChunkKey, tuple[Trajectories, np.ndarray | None]] = {}
     for entry in entries:
@@ -147,7 +168,8 @@ def write_replay(path: Path, entries: Sequence[ReplayEntry], fetch: Callable[[Ch
         trajectories, ref_means = cache[entry.key]
         for field in dataclasses.fields(ReplayEntry):
             columns[field.name].append(getattr(entry, field.name))
-        arrays = {name: getattr(trajectories, name)[entry.row] for name in _PER_SAMPLE}
+        per_sample = {name: getattr(trajectories, name) for name in _PER_SAMPLE}
+        arrays = {name: None if array is None else array[entry.row] for name, array in per_sample.items()}
         arrays.update({name: getattr(trajectories, name) for name in _SHARED})
         arrays["ref_means"] = ref_means[entry.row] if ref_means is not None else None
         for name, array in arrays.items():
@@ -157,47 +179,63 @@ def write_replay(path: Path, entries: Sequence[ReplayEntry], fetch: Callable[[Ch
             array = np.ascontiguousarray(array)
             spec = {"dtype": array.dtype.str, "shape": list(array.shape)}
             if layout.setdefault(name, spec) != spec:
-                raise ValueError(f"replay entries disagree on the layout of {name}: {layout[name]} vs {spec}; one run's samples must share it")
+                raise ValueError(
+                    f"replay entries disagree on the layout of {name}: {layout[name]} vs {spec}; one run's samples must share it"
+                )
             columns[name].append(array.tobytes())
         columns["seed"].append(int(trajectories.seeds[entry.row]))
         columns["guidance_scale"].append(float(trajectories.guidance_scale))
         columns["eta"].append(float(trajectories.eta))
         columns["num_inference_steps"].append(int(trajectories.num_inference_steps))
+        columns["first_step"].append(int(trajectories.first_step))
         columns["chunk_version"].append(int(trajectories.policy_version))
     schema = pa.schema(
-        [pa.field(f.name, pa.string() if f.name == "prompt" else pa.float64() if f.type == "float" else pa.int64()) for f in dataclasses.fields(ReplayEntry)]
+        [
+            pa.field(f.name, pa.string() if f.name == "prompt" else pa.float64() if f.type == "float" else pa.int64())
+            for f in dataclasses.fields(ReplayEntry)
+        ]
         + [pa.field(name, pa.binary()) for name in (*_PER_SAMPLE, *_SHARED, "ref_means")]
-        + [pa.field("seed", pa.int64()), pa.field("guidance_scale", pa.float64()), pa.field("eta", pa.float64()),
-           pa.field("num_inference_steps", pa.int64()), pa.field("chunk_version", pa.int64())],
+        + [
+            pa.field("seed", pa.int64()),
+            pa.field("guidance_scale", pa.float64()),
+            pa.field("eta", pa.float64()),
+            pa.field("num_inference_steps", pa.int64()),
+            pa.field("first_step", pa.int64()),
+            pa.field("chunk_version", pa.int64()),
+        ],
         metadata={"rayalign.replay": json.dumps({"layout": layout, "format": 1})},
     )
     table = pa.table({name: pa.array(values, type=schema.field(name).type) for name, values in columns.items()}, schema=schema)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    Location(path).write_bytes(buffer.getvalue().to_pybytes())  # one object, written whole
     return table.num_rows
 
 
-def read_replay(path: Path) -> tuple[list[ReplayEntry], dict[ChunkKey, tuple[Trajectories, np.ndarray | None]]]:
+def read_replay(path: str | os.PathLike | Location) -> tuple[list[ReplayEntry], dict[ChunkKey, tuple[Trajectories, np.ndarray | None]]]:
     """Entries and rebuilt chunks from :func:`write_replay`'s file.
 
     Each rebuilt chunk holds only the rows that were saved, in the order they were
     saved; the entries' ``row`` fields are renumbered to point into it.
     """
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(Location(path).read_bytes()))
     meta = json.loads(table.schema.metadata[b"rayalign.replay"])
     layout = meta["layout"]
     data = table.to_pydict()
 
     def array(name: str, i: int) -> np.ndarray | None:
+        if name in _OPTIONAL and name not in data:
+            return None
         raw = data[name][i]
         if raw is None:
             return None
         spec = layout[name]
         return np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
+
+    def stacked(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        # one chunk comes from one policy: its rows all have an optional array, or none has
+        return None if arrays[0] is None else np.stack(arrays)
 
     rows_of: dict[ChunkKey, list[int]] = {}
     entries = []
@@ -209,7 +247,7 @@ def read_replay(path: Path) -> tuple[list[ReplayEntry], dict[ChunkKey, tuple[Tra
     chunks = {}
     for key, rows in rows_of.items():
         first = rows[0]
-        per_sample = {name: np.stack([array(name, i) for i in rows]) for name in _PER_SAMPLE}
+        per_sample = {name: stacked([array(name, i) for i in rows]) for name in _PER_SAMPLE}
         trajectories = Trajectories(
             prompts=[data["prompt"][i] for i in rows],
             **per_sample,
@@ -218,6 +256,8 @@ def read_replay(path: Path) -> tuple[list[ReplayEntry], dict[ChunkKey, tuple[Tra
             guidance_scale=data["guidance_scale"][first],
             eta=data["eta"][first],
             num_inference_steps=data["num_inference_steps"][first],
+            # files written before SDE windows recorded every step
+            first_step=data["first_step"][first] if "first_step" in data else 0,
             policy_version=data["chunk_version"][first],
         )
         refs = [array("ref_means", i) for i in rows]

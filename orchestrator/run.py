@@ -8,7 +8,6 @@ into a progress bar and one summary line per epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -18,15 +17,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm.auto import tqdm
 
-from orchestrator import checkpoint as ckpt
-from orchestrator.config import Config, dump_yaml, load_config, to_dict
+from actors.diffusion.files import SD, SD3, check_pipeline_dir, detect_family
+from actors.prompts import read_prompts
+from actors.rewards.registry import build_reward_from_config
+from actors.storage import is_uri
+from orchestrator import rundir
+from orchestrator.cluster import NAMESPACE, connect
+from orchestrator.config import Config, config_to_yaml, to_dict
+from orchestrator.hub import ShardHub
 from orchestrator.metrics import summary_line
-from orchestrator.pools import check_fits, demands, threads_for
+from orchestrator.pools import check_fits, create_pools, demands, threads_for
+from orchestrator.rundir import Checkpoint, RunDir
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "rayalign"
+
+def learner_entry(loop_config: dict[str, Any]) -> None:
+    """What Ray Train runs on every learner: the loop, whose ML imports load there and not in the driver."""
+    started = time.time()
+    from orchestrator.loop import train_loop_per_worker  # lazy: torch, diffusers and DeepSpeed load in the learners only
+
+    loop_config["startup"]["learner_imported"] = (started, time.time())
+    train_loop_per_worker(loop_config)
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -41,18 +58,31 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return out
 
 
-def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[Config, Path | None]:
-    """The config to run and the checkpoint to resume from; refuses to clobber an existing run."""
+def resolve_run(cfg: Config | None, run: RunDir, *, resume: bool) -> tuple[Config, Checkpoint | None]:
+    """The config to run and the checkpoint to resume from; refuses to clobber an existing run.
+
+    ``--resume`` where there is nothing to resume starts the run, so one fixed command (a Ray
+    Job's or a RayJob's entrypoint) can be submitted again after any failure. A run that died
+    before its first checkpoint is moved aside first (``<dir>.incomplete-N``), never deleted.
+    """
     if not resume:
-        if (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists():
-            raise ValueError(f"{output_dir} already holds a run; pass --resume to continue it, or choose a new --output-dir")
+        if run.holds_run():
+            raise ValueError(f"{run.root} already holds a run; pass --resume to continue it, or choose a new --output-dir")
         if cfg is None:
             raise ValueError("give --preset NAME or --config FILE")
         return cfg, None
-    checkpoint = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    checkpoint = run.latest_checkpoint()
     if checkpoint is None:
-        raise ValueError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; start a new run without --resume")
-    saved = load_config(checkpoint / "config.yaml")
+        if cfg is None:
+            raise ValueError(
+                f"--resume: no complete checkpoint under {run.checkpoints} to resume, and no --preset or --config to start the run with"
+            )
+        if run.root.list():
+            aside = rundir.move_aside(run)
+            logger.warning("%s had no complete checkpoint; moved it to %s and starting the run from the beginning", run.root, aside)
+        print(f"--resume: nothing to resume in {run.root}; starting the run", flush=True)
+        return cfg, None
+    saved = checkpoint.read_config()
     if cfg is None:
         return saved, checkpoint
     changed = [d for d in _differences(to_dict(saved), to_dict(cfg)) if d != "train.epochs"]
@@ -61,50 +91,30 @@ def resolve_run(cfg: Config | None, output_dir: Path, *, resume: bool) -> tuple[
     return cfg, checkpoint
 
 
-def _check_names(cfg: Config) -> None:
+def check_names(cfg: Config, *, external_cluster: bool = False) -> None:
     """Fail before any actor starts on names that only actors would otherwise resolve."""
-    from actors.policy import check_pipeline_dir
-    from actors.prompts import read_prompts
-    from actors.rewards import build_reward_from_config
-
     # The model first: a preset's placeholder model path is the first thing a user must set.
-    if cfg.model.path is not None:
-        check_pipeline_dir(cfg.model.path)
+    path = cfg.model.path
+    if path is not None:
+        if external_cluster and not is_uri(path) and not Path(path).exists():
+            # A path on the cluster's nodes need not exist where the driver runs: each node that loads it checks it.
+            logger.info("model path %s is not on this machine; every node that loads it checks it there", path)
+        else:
+            check_pipeline_dir(path)
+    if cfg.sampling.sde_window is not None and (path is None or (not is_uri(path) and Path(path).is_dir())):
+        # elsewhere (a URI, a path only the cluster's nodes have) the rollout actors refuse it when they load the model
+        family = detect_family(path) if path is not None else SD
+        if family is not SD3:
+            model = "the embedded toy model, an sd model" if path is None else f"{path!r}, a {family.name} model"
+            kind = "(flow matching) whose sampler records every step" if family.flow_matching else "sampled with DDIM"
+            raise ValueError(
+                f"sampling.sde_window is set, but model.path is {model} {kind}; the window (SDE steps inside it, ODE steps "
+                "outside) is implemented for sd3 models only: set sampling.sde_window: null"
+            )
     build_reward_from_config(cfg.reward).check()
     read_prompts(cfg.train.prompts)
     if cfg.train.eval_every:
         read_prompts(cfg.train.eval_prompts)
-
-
-def _env_vars_to_add(wanted: dict[str, str]) -> dict[str, str]:
-    """``wanted`` minus the variables a submitted Ray Job's runtime_env already sets.
-
-    Inside a Ray Job, ray.init refuses a runtime_env that sets a variable the job's own
-    runtime_env sets too (even to the same value); the job's value wins.
-    """
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not job_config:
-        return wanted
-    taken = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
-    return {key: value for key, value in wanted.items() if key not in taken}
-
-
-def connect(address: str | None, num_cpus: int | None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), or start a local cluster with ``num_cpus`` logical CPUs."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Passive OpenMP waits: with more busy processes than cores (pools share a CPU
-    # machine), spin-waiting torch threads were measured to slow every pool ~10x.
-    wanted = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    env = {"env_vars": _env_vars_to_add(wanted)}
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
-    else:
-        # Logical CPUs can exceed physical ones: pools take fractions and mostly wait on each other.
-        # address="local": always a new cluster. A bare ray.init() would attach to any cluster that
-        # `ray start` left running on this machine (and then refuse num_cpus).
-        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
 
 
 def train(
@@ -116,72 +126,135 @@ def train(
     num_cpus: int | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> Path:
-    """Run (or resume) training; returns the output directory.
+    dashboard: bool = False,
+) -> str:
+    """Run (or resume) training in ``output_dir`` (a local directory or an object-store URI); returns where it is.
 
     ``on_epoch`` is called in this process with each finished epoch's metrics (what
-    ``metrics.jsonl`` records), e.g. to report them to Ray Tune.
+    ``metrics.jsonl`` records), e.g. to report them to Ray Tune. The actor pools are started
+    here, before the learner group, so their models load while it forms.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    started_at = time.time()
+    run = RunDir(output_dir)
+    cfg, resume_from = resolve_run(cfg, run, resume=resume)
+    check_names(cfg, external_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
+    run.config.write_text(config_to_yaml(cfg))
 
-    from orchestrator.loop import train_loop_per_worker
-
-    output_dir = Path(output_dir).resolve()
-    cfg, resume_from = resolve_run(cfg, output_dir, resume=resume)
-    _check_names(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, output_dir / "config.yaml")
-
-    connect(address, num_cpus)
-    check_fits(demands(pools=cfg.pools, learner=cfg.learner, uses_reference=cfg.pools.reference.num_actors > 0), ray.cluster_resources())
+    connecting = time.time()
+    connect(address, num_cpus, dashboard=dashboard)
+    connected = time.time()
+    uses_reference = cfg.reference_pool_used  # train.reference: adapter_off computes the reference in the learners
+    check_fits(demands(pools=cfg.pools, learner=cfg.learner, uses_reference=uses_reference), ray.cluster_resources())
 
     hub_name = f"rayalign-hub-{uuid.uuid4().hex[:8]}"
-    from orchestrator.hub import ShardHub
+    # The hub lives on the driver's node, as Ray Train's controller does: losing any other node
+    # must not take the run's bookkeeping with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    hub = ray.remote(ShardHub).options(name=hub_name, namespace=NAMESPACE, num_cpus=0, scheduling_strategy=here).remote()
+    pools = create_pools(cfg, uses_reference=uses_reference)  # they load their models while the learner group forms
+    hub.set_pools.remote(pools.handles())
+    # Learners stay in their node's working directory (Ray Train would move them to its artifacts
+    # directory): a relative path in the config then means on a learner what it means on every other actor.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    startup = {
+        "started_at": started_at,
+        "time/startup/checks_s": connecting - started_at,
+        "time/startup/connect_s": connected - connecting,
+    }
+    failures = 0
+    try:
+        while True:
+            start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
+            if resume_from:
+                print(f"resuming from {resume_from.location} (epoch {start_epoch} of {cfg.train.epochs})", flush=True)
+            trainer = _learner_group(cfg, run, resume_from, hub_name=hub_name, startup={**startup, "trainer_started_at": time.time()})
+            outcome: dict[str, Any] = {}
 
-    hub = ray.remote(ShardHub).options(name=hub_name, namespace=NAMESPACE, num_cpus=0).remote()
+            def fit(trainer=trainer, outcome=outcome) -> None:
+                try:
+                    outcome["result"] = trainer.fit()
+                except BaseException as error:  # reported by the main thread
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=fit, name="rayalign-trainer", daemon=True)
+            thread.start()
+            _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress, on_epoch=on_epoch)
+            thread.join()
+            if "error" not in outcome:
+                break
+            dead = _lost_worker(outcome["error"], pools.actor_ids())
+            if dead is None or failures >= cfg.learner.max_failures:
+                raise _user_facing(outcome["error"])
+            # A learner's process or node is gone (not an error of the run itself): start the group again
+            # from the last complete checkpoint; the pools and the hub outlive it.
+            failures += 1
+            resume_from = run.latest_checkpoint()
+            where = f"checkpoint {resume_from.name}" if resume_from else "the beginning (no checkpoint yet)"
+            print(
+                f"learner group lost a worker ({dead}); restarting it from {where} ({failures} of learner.max_failures = "
+                f"{cfg.learner.max_failures})",
+                flush=True,
+            )
+            ray.get(hub.reset.remote())
+            startup = {"faults/learner_restarts": float(failures), "failed_at": time.time()}
+    finally:
+        pools.shutdown()
+        ray.kill(hub)
+    return run.root.uri
+
+
+def _learner_group(cfg: Config, run: RunDir, resume_from: Checkpoint | None, *, hub_name: str, startup: dict[str, Any]) -> TorchTrainer:
+    """The Ray Train trainer whose workers are the learners (rank 0 also drives the pools)."""
     use_gpu = cfg.learner.num_gpus_per_worker > 0
-    resources = {"CPU": cfg.learner.num_cpus_per_worker}
+    resources = {"CPU": cfg.learner.num_cpus_per_worker, **cfg.learner.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.learner.num_gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    return TorchTrainer(
+        learner_entry,
         train_loop_config={
             "config": to_dict(cfg),
-            "output_dir": str(output_dir),
-            "resume_from": str(resume_from) if resume_from else None,
+            "output_dir": run.root.uri,
+            "resume_from": resume_from.location.uri if resume_from else None,
             "hub_name": hub_name,
             "namespace": NAMESPACE,
             "learner_threads": threads_for(cfg.learner.num_cpus_per_worker),
+            "startup": startup,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=output_dir.name, storage_path=str(output_dir / "ray_train"), failure_config=FailureConfig(max_failures=0)),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.learner.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.learner.placement.upper(),
+        ),
+        run_config=RunConfig(
+            name=f"{run.root.name}-{uuid.uuid4().hex[:6]}",  # a fresh Ray Train run per start of the group
+            storage_path=(run.root / "ray_train").path,
+            storage_filesystem=run.root.fs,
+            # Restarts are rayalign's (see train()): Ray Train would also retry an error of the run itself.
+            failure_config=FailureConfig(max_failures=0),
+        ),
     )
-    start_epoch = ckpt.read_state(resume_from)["epoch"] if resume_from else 0
-    if resume_from:
-        print(f"resuming from {resume_from} (epoch {start_epoch} of {cfg.train.epochs})", flush=True)
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # reported by the main thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, name="rayalign-trainer", daemon=True)
-    thread.start()
-    _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress, on_epoch=on_epoch)
-    thread.join()
-    ray.kill(hub)
-    if "error" in outcome:
-        raise _user_facing(outcome["error"])
-    return output_dir
 
 
-def _follow(hub, thread: threading.Thread, *, total: int, start: int, show_bar: bool, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+def _lost_worker(error: BaseException, pool_actors: set[str]) -> str | None:
+    """What died, when ``error`` is a learner's own process or node being lost (a restart can help); None for
+    an error of the run itself (a bad value, a pool actor past its restarts), which a restart would repeat."""
+    for current in _causes(error):
+        failures = getattr(current, "worker_failures", None)
+        for rank, failure in sorted(failures.items()) if isinstance(failures, dict) else []:
+            failure = getattr(failure, "health_check_failure", failure)  # Ray Train's wrapper of a worker found dead
+            text = str(failure)
+            died = isinstance(failure, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))
+            # Ray names the dead actor's class and id in the message (a system death carries no actor_id attribute).
+            if died and "RayTrainWorker" in text and not any(actor in text for actor in pool_actors):
+                return f"rank {rank}: {' '.join(text.split())[:240]}"
+    return None
+
+
+def _follow(
+    hub, thread: threading.Thread, *, total: int, start: int, show_bar: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> None:
     """Progress bar over epochs and one summary line per finished epoch, until training ends."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, initial=start, desc="train", unit="epoch", disable=not show_bar, dynamic_ncols=True)
     try:
         while True:
@@ -204,16 +277,37 @@ def _follow(hub, thread: threading.Thread, *, total: int, start: int, show_bar: 
         bar.close()
 
 
+def _inner(error: BaseException) -> list[BaseException]:
+    """The exceptions ``error`` wraps: its cause, and a failed learner group's worker failures in rank order."""
+    inner = [getattr(error, "cause", None), error.__cause__]
+    failures = getattr(error, "worker_failures", None)
+    inner += [failures[rank] for rank in sorted(failures)] if isinstance(failures, dict) else []
+    return [cause for cause in inner if isinstance(cause, BaseException)]
+
+
+def _causes(error: BaseException):
+    """``error`` and everything it wraps, breadth first, each once."""
+    queue, seen = [error], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) not in seen:
+            seen.add(id(current))
+            yield current
+            queue += _inner(current)
+
+
 def _user_facing(error: BaseException) -> BaseException:
-    """Unwrap Ray Train's wrappers so a user error inside a worker reads as that error."""
-    seen = error
-    for _ in range(10):
-        cause = getattr(seen, "cause", None) or seen.__cause__ or getattr(seen, "worker_failures", None)
-        if isinstance(cause, dict):
-            cause = next(iter(cause.values()), None)
-        if cause is None or cause is seen:
-            break
-        seen = cause
-        if isinstance(seen, ValueError):
-            return ValueError(str(seen).splitlines()[0] if str(seen) else repr(seen))
+    """Unwrap Ray Train's and Ray's wrappers so a user error inside a worker reads as that error.
+
+    The causes are searched breadth first, the failed workers in rank order: rank 0 drives the
+    pools, and the other ranks' failures are often only the consequence of its failure.
+    """
+    for current in _causes(error):
+        if isinstance(current, ValueError):
+            text = str(current).strip()
+            if not type(current).__module__.startswith("ray"):
+                return ValueError(text.splitlines()[0] if text else repr(current))
+            if not _inner(current):
+                # A Ray task error that came without its cause: the user's error is its traceback's last line.
+                return ValueError(text.splitlines()[-1].removeprefix("ValueError: ") if text else repr(current))
     return error

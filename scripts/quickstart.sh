@@ -16,7 +16,8 @@ n=1
 while [ -e "$out/metrics.jsonl" ]; do n=$((n + 1)); out="outputs/quickstart-$n"; done
 
 rayalign train --preset quickstart --output-dir "$out" "$@"
-# Held-out prompts, sampled as the preset samples (10 DDIM steps, no guidance).
-heldout=(--prompts toy-heldout --reward toy_fidelity --num-per-prompt 4 --seed 0 --steps 10 --guidance-scale 1)
-rayalign eval "${heldout[@]}" --output "$out/eval/base_heldout.json"
+# Held-out prompts. The trained adapter is sampled as it was trained (10 DDIM steps, no
+# guidance) by itself; the base model is asked for the same settings, like for like.
+heldout=(--prompts toy-heldout --reward toy_fidelity --num-per-prompt 4 --seed 0)
+rayalign eval "${heldout[@]}" --steps 10 --guidance-scale 1 --output "$out/eval/base_heldout.json"
 rayalign eval "${heldout[@]}" --lora "$out" --output "$out/eval/trained_heldout.json"

@@ -1,27 +1,36 @@
 """The ``rayalign`` command as a user runs it: a real subprocess, real files."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from actors import toy_world
-
-
-def rayalign(*args, cwd=None, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+from actors.toy import world as toy_world
+from tests.helpers.cli import rayalign
 
 
 def test_eval_writes_scores_and_grid(tiny_pipeline_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two toy prompts\na red circle on the left\n\nan orange square at the top\n")
     out = tmp_path / "eval" / "scores.json"
-    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", prompts, "--reward", "toy_fidelity", "--num-per-prompt", 3, "--seed", 5, "--steps", 3, "--output", out)
+    result = rayalign(
+        "eval",
+        "--model",
+        tiny_pipeline_dir,
+        "--prompts",
+        prompts,
+        "--reward",
+        "toy_fidelity",
+        "--num-per-prompt",
+        3,
+        "--seed",
+        5,
+        "--steps",
+        3,
+        "--output",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report["per_prompt"]) == {"a red circle on the left", "an orange square at the top"}
@@ -32,23 +41,71 @@ def test_eval_writes_scores_and_grid(tiny_pipeline_dir, tmp_path):
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] > grid.shape[0]  # 2 rows x 3 columns
 
     again = tmp_path / "again.json"
-    assert rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", prompts, "--reward", "toy_fidelity", "--num-per-prompt", 3, "--seed", 5, "--steps", 3, "--output", again).returncode == 0
+    assert (
+        rayalign(
+            "eval",
+            "--model",
+            tiny_pipeline_dir,
+            "--prompts",
+            prompts,
+            "--reward",
+            "toy_fidelity",
+            "--num-per-prompt",
+            3,
+            "--seed",
+            5,
+            "--steps",
+            3,
+            "--output",
+            again,
+        ).returncode
+        == 0
+    )
     assert json.loads(again.read_text())["per_prompt"] == report["per_prompt"]  # same seed, same scores
     np.testing.assert_array_equal(np.asarray(Image.open(again.with_suffix(".png"))), grid)
 
 
+def test_eval_writes_its_report_and_grid_to_object_storage(s3, tiny_pipeline_dir, tmp_path):
+    from jobs.bench.s3 import BUCKET
+
+    common = ("--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "toy_fidelity", "--num-per-prompt", 1, "--steps", 2)
+    result = rayalign("eval", *common, "--output", f"s3://{BUCKET}/evals/base.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert s3.keys("evals/") == ["evals/base.json", "evals/base.png"]
+    report = json.loads(s3.client().get_object(Bucket=BUCKET, Key="evals/base.json")["Body"].read())
+    assert len(report["per_prompt"]) == len(toy_world.held_out_prompts())
+    assert not list(tmp_path.iterdir())  # nothing written locally (no directory named "s3:")
+
+
 def test_eval_with_an_adapter_samples_what_the_unmerged_adapter_samples(tiny_pipeline_dir, tmp_path):
     # eval folds the adapter into the weights for speed; its images must be the adapter's own.
+    from actors.diffusion.images import make_grid
+    from actors.diffusion.policy import DiffusionPolicy
     from actors.evaluate import evaluate
-    from actors.images import make_grid
-    from actors.policy import DiffusionPolicy
-    from actors.rewards import build_reward
+    from actors.rewards.registry import build_reward
     from tests.helpers.adapters import make_adapter
 
     adapter = make_adapter(tiny_pipeline_dir, tmp_path / "adapter", seed=3, target_modules=("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"))
     prompts = ["a red circle on the left", "an orange square at the top"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    common = ("--model", tiny_pipeline_dir, "--prompts", tmp_path / "prompts.txt", "--reward", "toy_fidelity", "--num-per-prompt", 2, "--seed", 5, "--steps", 3, "--eta", 1, "--guidance-scale", 3)
+    common = (
+        "--model",
+        tiny_pipeline_dir,
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--reward",
+        "toy_fidelity",
+        "--num-per-prompt",
+        2,
+        "--seed",
+        5,
+        "--steps",
+        3,
+        "--eta",
+        1,
+        "--guidance-scale",
+        3,
+    )
     assert (result := rayalign("eval", *common, "--output", tmp_path / "base.json")).returncode == 0, result.stderr
     assert (result := rayalign("eval", *common, "--lora", adapter, "--output", tmp_path / "adapted.json")).returncode == 0, result.stderr
     assert json.loads((tmp_path / "adapted.json").read_text())["lora"] == str(adapter)
@@ -58,15 +115,41 @@ def test_eval_with_an_adapter_samples_what_the_unmerged_adapter_samples(tiny_pip
 
     unmerged = DiffusionPolicy.from_pretrained(tiny_pipeline_dir, finetune="lora", lora_path=adapter, device="cpu")
     assert not unmerged.lora_merged
-    expected = evaluate(unmerged, prompts, build_reward("toy_fidelity"), num_per_prompt=2, seed=5, num_steps=3, eta=1.0, guidance_scale=3.0, batch_size=4, progress=False)
+    expected = evaluate(
+        unmerged,
+        prompts,
+        build_reward("toy_fidelity"),
+        num_per_prompt=2,
+        seed=5,
+        num_steps=3,
+        eta=1.0,
+        guidance_scale=3.0,
+        batch_size=4,
+        progress=False,
+    )
     grid = np.asarray(make_grid(expected.images, columns=2), dtype=np.int16)
     assert np.abs(adapted - grid).max() <= 1  # float rounding may move a pixel by one level
 
 
 def test_eval_combined_reward_and_builtin_prompts(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "combo.json"
-    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "toy_fidelity=0.5", "--reward", "jpeg_compressibility=0.1",
-                      "--num-per-prompt", 1, "--steps", 2, "--output", out)
+    result = rayalign(
+        "eval",
+        "--model",
+        tiny_pipeline_dir,
+        "--prompts",
+        "toy-heldout",
+        "--reward",
+        "toy_fidelity=0.5",
+        "--reward",
+        "jpeg_compressibility=0.1",
+        "--num-per-prompt",
+        1,
+        "--steps",
+        2,
+        "--output",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert list(report["per_prompt"]) == toy_world.held_out_prompts()
@@ -102,7 +185,9 @@ def test_unknown_reward_lists_the_valid_names(tiny_pipeline_dir, tmp_path):
 
 def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
     out = tmp_path / "toy"
-    result = rayalign("make-toy-model", "--output", out, "--vae-steps", 3, "--unet-steps", 3, "--unet-lr-horizon", 10, "--images-per-prompt", 1)
+    result = rayalign(
+        "make-toy-model", "--output", out, "--vae-steps", 3, "--unet-steps", 3, "--unet-lr-horizon", 10, "--images-per-prompt", 1
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote toy pipeline" in result.stdout
     index = json.loads((out / "model_index.json").read_text())
@@ -125,7 +210,7 @@ def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
 def test_make_toy_model_help_quotes_the_real_defaults():
     # The CLI does not import the pretraining module to build its parser; its help text
     # states the defaults, which must be PretrainArgs' own.
-    from actors.toy_pretrain import PretrainArgs
+    from actors.toy.pretrain import PretrainArgs
     from jobs.cli import build_parser
 
     defaults = PretrainArgs(output="x")
@@ -142,9 +227,29 @@ def test_convert_reward_then_eval_with_a_model_reward(tiny_pipeline_dir, tiny_re
     assert (head / "model.safetensors").is_file() and "weights` option of the aesthetic reward" in result.stdout
 
     out = tmp_path / "aesthetic.json"
-    result = rayalign("eval", "--model", tiny_pipeline_dir, "--prompts", "toy-heldout", "--reward", "aesthetic=2", "--reward", "toy_fidelity",
-                      "--reward-option", f"aesthetic.weights={head}", "--reward-option", f"aesthetic.clip={tiny_reward_models.clip}",
-                      "--reward-option", "aesthetic.batch_size=4", "--num-per-prompt", 1, "--steps", 2, "--output", out)
+    result = rayalign(
+        "eval",
+        "--model",
+        tiny_pipeline_dir,
+        "--prompts",
+        "toy-heldout",
+        "--reward",
+        "aesthetic=2",
+        "--reward",
+        "toy_fidelity",
+        "--reward-option",
+        f"aesthetic.weights={head}",
+        "--reward-option",
+        f"aesthetic.clip={tiny_reward_models.clip}",
+        "--reward-option",
+        "aesthetic.batch_size=4",
+        "--num-per-prompt",
+        1,
+        "--steps",
+        2,
+        "--output",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["reward"] == "2*aesthetic + 1*toy_fidelity"
@@ -157,7 +262,10 @@ def test_convert_reward_then_eval_with_a_model_reward(tiny_pipeline_dir, tiny_re
     [
         (["--reward", "aesthetic"], "options.weights is required"),
         (["--reward", "toy_fidelity", "--reward-option", "aesthetic.weights=/x"], "not among the --reward names"),
-        (["--reward", "aesthetic", "--reward-option", "aesthetic.weights=/no/such/head"], "does not exist; expected the aesthetic MLP head"),
+        (
+            ["--reward", "aesthetic", "--reward-option", "aesthetic.weights=/no/such/head"],
+            "does not exist; expected the aesthetic MLP head",
+        ),
     ],
 )
 def test_model_reward_errors_are_one_clear_line(tiny_pipeline_dir, tmp_path, extra, message):
@@ -169,18 +277,20 @@ def test_model_reward_errors_are_one_clear_line(tiny_pipeline_dir, tmp_path, ext
 def test_set_takes_several_overrides_per_flag_and_repeats():
     from jobs.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--preset", "toy-ddpo", "--output-dir", "out", "--set", "train.epochs=2", "learner.learning_rate=1e-3",
-                                      "--set", "seed=3"])
+    args = build_parser().parse_args(
+        ["train", "--preset", "toy-ddpo", "--output-dir", "out", "--set", "train.epochs=2", "learner.learning_rate=1e-3", "--set", "seed=3"]
+    )
     assert args.overrides == ["train.epochs=2", "learner.learning_rate=1e-3", "seed=3"]
 
 
-def test_train_suggests_an_eval_command_that_samples_as_the_run_did(tmp_path):
-    from jobs.cli import _eval_command
+def test_train_suggests_an_eval_command_for_the_held_out_prompts(tmp_path):
+    from jobs.train import eval_command
     from orchestrator.config import dump_yaml, load_preset
 
     cfg = load_preset("toy-ddpo", ["model.path=/models/toy", "reward={toy_fidelity: 1.0, jpeg_compressibility: 0.5}"])
     dump_yaml(cfg, tmp_path / "config.yaml")
-    line = _eval_command(tmp_path)
+    line = eval_command(tmp_path)
     assert line.startswith(f"rayalign eval --model /models/toy --lora {tmp_path} --prompts toy-heldout ")
     assert "--reward toy_fidelity --reward jpeg_compressibility=0.5" in line
-    assert f"--steps {cfg.sampling.num_steps} --eta 1 --guidance-scale {cfg.sampling.guidance_scale:g}" in line
+    # eval samples as the run was trained by itself; the line needs no sampling flags.
+    assert "--steps" not in line and "--guidance-scale" not in line and line.endswith(f"--output {tmp_path}/eval_heldout.json")

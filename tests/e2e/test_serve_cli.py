@@ -12,13 +12,9 @@ import urllib.request
 
 import pytest
 
-from actors.image_generator import adapter_version
+from actors.diffusion.generator import adapter_version
 from tests.helpers.adapters import make_adapter
-
-
-def rayalign(*args, timeout=120):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+from tests.helpers.cli import rayalign
 
 
 def free_port() -> int:
@@ -74,9 +70,34 @@ def test_serve_follows_a_training_run_on_two_replicas_and_stops_on_ctrl_c(tiny_p
     first = write_checkpoint(tiny_pipeline_dir, run, 1, seed=1)
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "serve", "--model", str(tiny_pipeline_dir), "--lora", str(run), "--port", str(port), "--watch", "1",
-         "--replicas", "2", "--max-batch-size", "2", "--num-cpus", "4", "--set", "limits.max_steps=4", "--set", "limits.default_steps=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "serve",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--lora",
+            str(run),
+            "--port",
+            str(port),
+            "--watch",
+            "1",
+            "--replicas",
+            "2",
+            "--max-batch-size",
+            "2",
+            "--num-cpus",
+            "4",
+            "--set",
+            "limits.max_steps=4",
+            "--set",
+            "limits.default_steps=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"),
     )
     output = Output(process)
     try:
@@ -90,8 +111,11 @@ def test_serve_follows_a_training_run_on_two_replicas_and_stops_on_ctrl_c(tiny_p
             return len(served) == 2 and set(served.values()) == {version}
 
         wait_until(process, output, lambda: every_replica_serves(first), "both replicas serving the first checkpoint", timeout_s=60)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", method="POST",
-                                         data=json.dumps({"prompt": "a red circle on the left", "num_inference_steps": 2}).encode())
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            method="POST",
+            data=json.dumps({"prompt": "a red circle on the left", "num_inference_steps": 2}).encode(),
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["adapter_version"] == first
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
@@ -115,6 +139,7 @@ def test_serve_follows_a_training_run_on_two_replicas_and_stops_on_ctrl_c(tiny_p
     output = output.text
     assert process.returncode == 0, output
     assert f"serving at http://127.0.0.1:{port}" in output and "hot-swapping" in output
+    assert "requests without sampling fields use 2 steps, eta 1, guidance 4.5" in output  # --set limits.default_steps=2
     assert output.rstrip().endswith("stopped")
     assert "Traceback" not in output
     with pytest.raises(OSError):

@@ -38,25 +38,55 @@ class RayHead:
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         bin_dir = str(Path(sys.executable).parent)
         # Token auth on, with a token of its own: the user's ~/.ray/auth_token is never read or written.
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
-                        HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-                        # On a busy 2-core machine the dashboard agent can take over 30 s to start,
-                        # longer than the raylet waits for it by default.
-                        RAY_agent_register_timeout_ms="180000")
+        self.env = dict(
+            os.environ,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
+            HF_HUB_OFFLINE="1",
+            RAY_USAGE_STATS_ENABLED="0",
+            # On a busy 2-core machine the dashboard agent can take over 30 s to start,
+            # longer than the raylet waits for it by default.
+            RAY_agent_register_timeout_ms="180000",
+        )
         self.env.pop("RAY_ADDRESS", None)
 
     def __enter__(self) -> "RayHead":
-        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(self.num_cpus),
-                   "--temp-dir", str(self.temp_dir), "--include-dashboard", "true", "--disable-usage-stats"]
+        command = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--temp-dir",
+            str(self.temp_dir),
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+        ]
         # Ray's fixed default ports (e.g. 52365 for the dashboard agent) clash with any other
         # cluster on the machine; a clash leaves the Jobs API without an agent.
-        for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-                     "--ray-client-server-port", "--node-manager-port", "--object-manager-port"):
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        ):
             command += [flag, str(free_port())]
         # On an overloaded machine the raylet can give up waiting for its agents at start-up
         # (it then exits, and `ray start` fails): start again, from scratch, a few times.
-        for attempt in range(1, 4):
+        for attempt in range(1, 4):  # noqa: B007 - the count is reported when every attempt failed
             result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
             if result.returncode == 0:
                 return self

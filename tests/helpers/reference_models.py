@@ -83,7 +83,18 @@ class _OpenClipVisual(nn.Module):
 class OpenClipStyleCLIP(nn.Module):
     """OpenCLIP's ``CLIP`` with a ViT image tower, tiny."""
 
-    def __init__(self, *, vocab: int, context: int = 16, image_size: int = 32, patch: int = 8, width: int = 32, layers: int = 2, heads: int = 2, embed: int = 16):
+    def __init__(
+        self,
+        *,
+        vocab: int,
+        context: int = 16,
+        image_size: int = 32,
+        patch: int = 8,
+        width: int = 32,
+        layers: int = 2,
+        heads: int = 2,
+        embed: int = 16,
+    ):
         super().__init__()
         self.visual = _OpenClipVisual(image_size=image_size, patch=patch, width=width, layers=layers, heads=heads, embed=embed)
         self.token_embedding = nn.Embedding(vocab, width)
@@ -157,7 +168,17 @@ class BlipStyleImageReward(nn.Module):
 
     MEAN, STD = 0.16717362830052426, 1.0333394966054072
 
-    def __init__(self, *, vocab: int, image_size: int = 32, patch: int = 16, vision_width: int = 32, text_width: int = 24, layers: int = 2, heads: int = 2):
+    def __init__(
+        self,
+        *,
+        vocab: int,
+        image_size: int = 32,
+        patch: int = 16,
+        vision_width: int = 32,
+        text_width: int = 24,
+        layers: int = 2,
+        heads: int = 2,
+    ):
         super().__init__()
         from transformers import BlipTextConfig
         from transformers.models.blip.modeling_blip_text import BlipTextModel
@@ -165,22 +186,36 @@ class BlipStyleImageReward(nn.Module):
         self.blip = nn.Module()
         self.blip.visual_encoder = _BlipViT(image_size=image_size, patch=patch, width=vision_width, layers=layers, heads=heads)
         text_config = BlipTextConfig(
-            vocab_size=vocab, hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=40, encoder_hidden_size=vision_width, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=text_width,
+            intermediate_size=4 * text_width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=40,
+            encoder_hidden_size=vision_width,
+            pad_token_id=0,
         )
         self.blip.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
         self.blip.vision_proj = nn.Linear(vision_width, 8)
         self.blip.text_proj = nn.Linear(text_width, 8)
         self.mlp = nn.Module()
         self.mlp.layers = nn.Sequential(
-            nn.Linear(text_width, 20), nn.Dropout(0.2), nn.Linear(20, 12), nn.Dropout(0.2),
-            nn.Linear(12, 8), nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1),
+            nn.Linear(text_width, 20),
+            nn.Dropout(0.2),
+            nn.Linear(20, 12),
+            nn.Dropout(0.2),
+            nn.Linear(12, 8),
+            nn.Dropout(0.1),
+            nn.Linear(8, 4),
+            nn.Linear(4, 1),
         )
 
     def score(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         image = self.blip.visual_encoder(pixels)
         text = self.blip.text_encoder(
-            input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=image,
             encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long),
         ).last_hidden_state
         return ((self.mlp.layers(text[:, 0]) - self.MEAN) / self.STD).squeeze(-1)

@@ -1,21 +1,18 @@
 """A real scoring service for the ``http`` reward: stdlib ``http.server`` in a thread.
 
-It speaks the protocol of :mod:`actors.reward_http` and scores each image by its mean
+It speaks the protocol of :mod:`actors.rewards.http` and scores each image by its mean
 brightness in [0, 1]. ``script`` lets a test make it misbehave for the next requests
 (slow, garbage, wrong count, HTTP errors) to exercise timeouts, retries and validation.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
-from PIL import Image
+from jobs.bench.judge import brightness
 
 
 class ScoringServer:
@@ -85,12 +82,3 @@ class ScoringServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def decode_png(text: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
-
-
-def brightness(text: str) -> float:
-    """Mean pixel value of a base64 PNG in [0, 1]: the service's score."""
-    return float(decode_png(text).astype(np.float64).mean() / 255.0)

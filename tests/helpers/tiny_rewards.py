@@ -16,10 +16,14 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
-from actors.reward_convert import convert_reward
-from actors.reward_nets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from actors.toy_model import TOKENIZER_MAX_LENGTH, _bpe_vocab, grammar_words
-from tests.helpers.reference_models import BlipStyleImageReward, OpenClipStyleCLIP, perturb_
+from actors.rewards.convert import convert_reward
+from actors.rewards.nets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from actors.toy.model import TOKENIZER_MAX_LENGTH, _bpe_vocab, grammar_words
+from tests.helpers.reference_models import (
+    BlipStyleImageReward,
+    OpenClipStyleCLIP,
+    perturb_,
+)
 
 IMAGE_SIZE = 32
 """Input side of every tiny image tower (toy images are 32 x 32)."""
@@ -40,8 +44,13 @@ def save_clip_tokenizer(directory: Path) -> CLIPTokenizer:
 
 
 def save_preprocessor(directory: Path, size: int = IMAGE_SIZE) -> None:
-    config = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, "do_center_crop": True,
-              "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
+    config = {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+    }
     (directory / "preprocessor_config.json").write_text(json.dumps(config))
 
 
@@ -51,11 +60,27 @@ def build_tiny_clip(directory: Path, *, seed: int) -> Path:
     tokenizer = save_clip_tokenizer(directory)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8,
-                           projection_dim=16),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=TOKENIZER_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            projection_dim=16,
+        ),
         projection_dim=16,
     )
     # Noise large enough that image-prompt cosines take both signs (CLIPScore clips the negative ones).
@@ -69,8 +94,14 @@ def published_aesthetic_head(in_features: int, *, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     head = nn.Module()
     head.layers = nn.Sequential(
-        nn.Linear(in_features, 24), nn.Dropout(0.2), nn.Linear(24, 12), nn.Dropout(0.2),
-        nn.Linear(12, 8), nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1),
+        nn.Linear(in_features, 24),
+        nn.Dropout(0.2),
+        nn.Linear(24, 12),
+        nn.Dropout(0.2),
+        nn.Linear(12, 8),
+        nn.Dropout(0.1),
+        nn.Linear(8, 4),
+        nn.Linear(4, 1),
     )
     return head.eval()
 
@@ -139,9 +170,20 @@ def build_tiny_reward_models(root: Path, *, seed: int = 0) -> TinyRewardModels:
     imagereward_model = perturb_(BlipStyleImageReward(vocab=len(bert_tokenizer) + 2), seed=seed + 3)
     imagereward_pt = root / "ImageReward.pt"
     torch.save(imagereward_model.state_dict(), imagereward_pt)
-    imagereward = convert_reward("imagereward", source=imagereward_pt, output=root / "imagereward", tokenizer=str(bert), vision_heads=2, text_heads=2)
+    imagereward = convert_reward(
+        "imagereward", source=imagereward_pt, output=root / "imagereward", tokenizer=str(bert), vision_heads=2, text_heads=2
+    )
 
     return TinyRewardModels(
-        clip=clip, aesthetic_pth=aesthetic_pth, aesthetic_head=head, aesthetic=aesthetic, openclip=openclip, hpsv2_pt=hpsv2_pt,
-        hpsv2=hpsv2, bert_tokenizer=bert, imagereward_model=imagereward_model, imagereward_pt=imagereward_pt, imagereward=imagereward,
+        clip=clip,
+        aesthetic_pth=aesthetic_pth,
+        aesthetic_head=head,
+        aesthetic=aesthetic,
+        openclip=openclip,
+        hpsv2_pt=hpsv2_pt,
+        hpsv2=hpsv2,
+        bert_tokenizer=bert,
+        imagereward_model=imagereward_model,
+        imagereward_pt=imagereward_pt,
+        imagereward=imagereward,
     )

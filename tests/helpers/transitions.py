@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.trajectory import Trajectories
+from actors.diffusion.trajectory import Trajectories
 
 
 def step_inputs(trajectories: Trajectories, step: int = 0) -> dict:

@@ -20,5 +20,12 @@ def nan_for_first_image(images: np.ndarray, prompts: Sequence[str], metadata: Se
     return scores, {}
 
 
+def nan_for_circles(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict]:
+    """A reward that breaks on some prompts: NaN for every image of a circle, brightness otherwise."""
+    scores, info = mean_brightness(images, prompts, metadata)
+    scores[["circle" in prompt for prompt in prompts]] = np.nan
+    return scores, info
+
+
 NOT_A_FUNCTION = 42
 """A module attribute that exists but cannot be called, for the error test."""

@@ -1,15 +1,29 @@
 """Async pipelining with replay on a real local Ray cluster: lag, IS correction, memory, exact resume."""
 
+import threading
+
 import numpy as np
 
-from orchestrator import checkpoint as ckpt
+from jobs.bench.faults import SAMPLING, kill_process, kill_while_checkpointing, wait_for_checkpoint
 from orchestrator.metrics import read_metrics
 from orchestrator.replay import read_replay
 from orchestrator.run import train
-from tests.integration.test_train import final_lora, tiny_config
+from orchestrator.rundir import RunDir
+from tests.helpers.runs import final_lora, tiny_config
 
-REPLAY_KEYS = ("replay/size", "replay/staleness_mean", "replay/staleness_max", "is/ratio_mean", "is/ratio_max",
-               "is/truncated_frac", "is/ess_frac", "idle/rollout_frac", "idle/reward_frac", "idle/reference_frac", "idle/learner_frac")
+REPLAY_KEYS = (
+    "replay/size",
+    "replay/staleness_mean",
+    "replay/staleness_max",
+    "is/ratio_mean",
+    "is/ratio_max",
+    "is/truncated_frac",
+    "is/ess_frac",
+    "idle/rollout_frac",
+    "idle/reward_frac",
+    "idle/reference_frac",
+    "idle/learner_frac",
+)
 
 
 def async_config(pipeline_dir, **overrides):
@@ -41,40 +55,70 @@ def test_async_trains_one_version_behind_with_importance_weights_and_no_leaks(ra
     refs = [m["memory/controller_refs"] for m in metrics]
     assert refs[1:-1] == [refs[1]] * (len(refs) - 2), refs
     assert refs[-1] <= refs[1]  # nothing launched after the last epoch
-    # At an epoch's end the next epoch is in flight, so a reading may catch one of its
-    # outputs, and Ray frees released objects asynchronously: single readings blip by an
-    # object. A leak (say the weights of every version) would raise every later reading,
-    # so most epochs must end at epoch 1's level and no reading may double it.
+    # At an epoch's end the next epoch is in flight, so a reading may catch some of its
+    # outputs, and Ray frees released objects asynchronously: readings blip by an object or
+    # two (under a full test run on 2 cores, 3 of 5 readings did). A leak (say the weights
+    # of every version) would raise every later reading, so the store must come back to
+    # epoch 1's level after the warm-up, and no reading may double it.
     store = [m["memory/object_store_bytes"] for m in metrics]
-    assert sorted(store)[len(store) // 2] == store[0] and max(store) < 2 * store[0], store
+    assert min(store[2:]) <= store[0] and max(store) < 2 * store[0], store
     rss = [m["memory/controller_rss_bytes"] for m in metrics]
     assert rss[-1] <= 1.05 * rss[1], rss  # after the warm-up epoch the controller's memory stays flat
 
 
-def test_async_resume_after_a_kill_restores_buffer_versions_and_counters_exactly(ray_cluster, tiny_pipeline_dir, tmp_path):
-    import shutil
-
+def test_async_run_with_killed_actors_and_learner_restores_buffer_versions_and_counters_exactly(ray_cluster, tiny_pipeline_dir, tmp_path):
     # Updates of 16 = the fresh 8 + 8 replayed; samples live two updates, so the buffer is
-    # never empty at a checkpoint and replayed samples are two versions old.
-    cfg = async_config(tiny_pipeline_dir, **{"train.epochs": 3, "train.keep_checkpoints": 3, "replay.samples_per_update": 16,
-                                             "replay.max_reuse": 2, "replay.max_staleness": 2})
+    # never empty at a checkpoint and replayed samples are two versions old. Sampling calls are
+    # slowed (the actor sleeps) so that a kill lands inside one.
+    cfg = async_config(
+        tiny_pipeline_dir,
+        **{
+            "train.epochs": 3,
+            "train.keep_checkpoints": 3,
+            "replay.samples_per_update": 16,
+            "replay.max_reuse": 2,
+            "replay.max_staleness": 2,
+            "pools.rollout.slowdown": "[4]",
+        },
+    )
     full = tmp_path / "full"
     train(cfg, full, progress=False)
-    # The same run killed while writing epoch 3's checkpoint: its last complete one is epoch 2's.
+    # The same run with the rollout actor SIGKILLed in a sampling call once checkpoint 1 is
+    # complete (epoch 3's samples are then in flight, sampled ahead with version 1), and the
+    # learner SIGKILLed while it writes checkpoint 3: the group restarts from checkpoint 2, with
+    # the replay buffer and the prefetched epoch as they were saved there.
     killed = tmp_path / "killed"
-    shutil.copytree(full, killed)
-    (killed / "checkpoints" / "epoch_0003" / "COMPLETE").unlink()
-    (killed / "checkpoints" / "epoch_0003").rename(killed / "checkpoints" / ".tmp-epoch_0003")
-    saved = ckpt.latest_checkpoint(killed / "checkpoints")
-    assert saved.name == "epoch_0002"
-    entries, _ = read_replay(saved / "replay.parquet")
-    prefetched, _ = read_replay(saved / "prefetched.parquet")
+    injected: dict = {}
+
+    def inject():
+        try:
+            wait_for_checkpoint(killed, 1)
+            injected["rollout"] = kill_process(SAMPLING)
+            injected["learner"] = kill_while_checkpointing(3)(killed)
+        except Exception as error:  # reported by the test's thread
+            injected["error"] = error
+
+    thread = threading.Thread(target=inject, daemon=True)
+    thread.start()
+    train(cfg, killed, progress=False)
+    thread.join(timeout=30)
+    assert "error" not in injected and injected.get("learner"), injected
+    saved = RunDir(killed).checkpoint(2)
+    entries, _ = read_replay(saved.replay)
+    prefetched, _ = read_replay(saved.prefetched)
     assert [(e.epoch, e.uses) for e in entries] == [(2, 1)] * 8  # epoch 1's samples left after their 2nd use
     assert {(e.epoch, e.version) for e in prefetched} == {(3, 1)}  # sampled ahead, with version 1, before the kill
-    train(cfg, killed, resume=True, progress=False)
     a, b = read_metrics(full), read_metrics(killed)
     assert [m["epoch"] for m in b] == [1, 2, 3]
-    for key in ("samples", "policy_version", "behaviour_version", "prompts/digest", "replay/size", "replay/staleness_mean", "replay/staleness_max"):
+    for key in (
+        "samples",
+        "policy_version",
+        "behaviour_version",
+        "prompts/digest",
+        "replay/size",
+        "replay/staleness_mean",
+        "replay/staleness_max",
+    ):
         assert [m[key] for m in a] == [m[key] for m in b], key
     for key in ("reward/mean", "is/ratio_mean", "is/ess_frac", "policy/approx_kl"):
         np.testing.assert_allclose([m[key] for m in a], [m[key] for m in b], rtol=1e-4, err_msg=key)
@@ -82,6 +126,6 @@ def test_async_resume_after_a_kill_restores_buffer_versions_and_counters_exactly
     wa, wb = final_lora(full), final_lora(killed)
     for name in wa:
         np.testing.assert_allclose(wa[name], wb[name], rtol=1e-4, atol=1e-6, err_msg=name)
-    ea, _ = read_replay(ckpt.latest_checkpoint(full / "checkpoints") / "replay.parquet")
-    eb, _ = read_replay(ckpt.latest_checkpoint(killed / "checkpoints") / "replay.parquet")
+    ea, _ = read_replay(RunDir(full).latest_checkpoint().replay)
+    eb, _ = read_replay(RunDir(killed).latest_checkpoint().replay)
     assert ea == eb and len(ea) == 8

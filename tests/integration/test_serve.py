@@ -7,6 +7,8 @@ deployed through the same declarative path as ``rayalign serve`` and ``serveConf
 import base64
 import io
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,11 +20,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.config import ServeBatchingConfig, ServeConfig, ServeLimitsConfig, ServeScalingConfig
+from orchestrator.config import (
+    ServeBatchingConfig,
+    ServeConfig,
+    ServeLimitsConfig,
+    ServeScalingConfig,
+)
 from tests.helpers.adapters import make_adapter
 
 KEY = "test-key-5b1e"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# Headless Chromium on a closed network: without the background-networking flags its
+# own connections are refused many at a time.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -37,7 +55,9 @@ class Server:
 
     def request(self, method, path, body=None, headers=AUTH, raw=None):
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as response:
                 return response.status, response.read(), dict(response.headers)
@@ -61,7 +81,7 @@ class Server:
 def server(ray_cluster, tiny_pipeline_dir):
     from ray import serve
 
-    from jobs.serve import deploy
+    from jobs.serve.app import deploy
 
     config = ServeConfig(
         model=str(tiny_pipeline_dir),
@@ -114,8 +134,13 @@ def test_openai_python_client(server):
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-    result = client.images.generate(prompt="an orange square in the center", n=2, size="32x32", response_format="b64_json",
-                                    extra_body={"seed": 5, "num_inference_steps": 3})
+    result = client.images.generate(
+        prompt="an orange square in the center",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 5, "num_inference_steps": 3},
+    )
     assert len(result.data) == 2 and png_array(result.data[0].model_dump()).shape == (32, 32, 3)
     assert result.data[0].b64_json == server.generate(prompt="an orange square in the center", seed=5)["data"][0]["b64_json"]
     assert [m.id for m in client.models.list()] == ["pipeline"]
@@ -129,9 +154,28 @@ def test_openai_python_client(server):
 def test_bench_command_drives_the_server(server, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", server.url, "--api-key", KEY, "--concurrency", "4", "--requests", "8",
-         "--steps", "2", "--output", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "bench",
+            "serve",
+            "--url",
+            server.url,
+            "--api-key",
+            KEY,
+            "--concurrency",
+            "4",
+            "--requests",
+            "8",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     run = json.loads(out.read_text())["runs"]["server"]
@@ -139,8 +183,12 @@ def test_bench_command_drives_the_server(server, tmp_path):
     assert 0 < run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"] and run["images_per_s"] > 0
     assert 1 <= run["mean_batch"] <= 4  # one replica, batches of at most 4
     assert "images/s" in result.stdout and "server" in result.stdout
-    refused = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", "http://10.1.2.3:8000", "--requests", "1"],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "serve", "--url", "http://10.1.2.3:8000", "--requests", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "only to this machine" in refused.stderr
 
 
@@ -210,9 +258,9 @@ def _wait_for_health(server, predicate, timeout_s=120):
 
 
 def test_hot_swap_through_user_config(server, tiny_pipeline_dir, tmp_path):
-    from actors.image_generator import adapter_version
-    from actors.policy import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
-    from jobs.serve import deploy
+    from actors.diffusion.files import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
+    from actors.diffusion.generator import adapter_version
+    from jobs.serve.app import deploy
 
     run = tmp_path / "run"
     adapter = make_adapter(tiny_pipeline_dir, run / "checkpoints" / "epoch_0003" / "lora", seed=5)
@@ -245,7 +293,7 @@ def test_hot_swap_through_user_config(server, tiny_pipeline_dir, tmp_path):
     (corrupt / LORA_WEIGHTS_NAME).write_bytes(b"\x00" * 64)
     for bad, words in [(corrupt, "not a readable safetensors file"), (tmp_path / "missing", "not a LoRA adapter")]:
         deploy(server.config, host="127.0.0.1", port=int(server.url.rsplit(":", 1)[1]), lora=str(bad), api_key=KEY)
-        health = _wait_for_health(server, lambda h: h["adapter_error"] and h["adapter_error"]["lora"] == str(bad))
+        health = _wait_for_health(server, lambda h, bad=bad: h["adapter_error"] and h["adapter_error"]["lora"] == str(bad))
         assert words in health["adapter_error"]["message"] and health["adapter_version"] == version
         models = server.json("GET", "/v1/models")[1]
         assert models["data"][0]["version"] == version and words in models["adapter_error"]["message"]
@@ -258,26 +306,50 @@ def test_hot_swap_through_user_config(server, tiny_pipeline_dir, tmp_path):
 
 
 def test_page_shows_generated_images_in_headless_chromium(server, tmp_path):
-    from tests.helpers.chromium import Browser
+    from playwright.sync_api import expect, sync_playwright
 
-    browser = Browser(tmp_path / "profile")
-    try:
-        browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent.startsWith('model pipeline')")
-        browser.wait_for("!document.getElementById('key-label').hidden")  # the server wants a key: the page asks for it
-        browser.type_into("#prompt", "a red circle on the left")
-        browser.type_into("#steps", "3")
-        browser.type_into("#key", KEY)
-        browser.click("#generate")
-        browser.wait_for("document.querySelectorAll('#results img').length === 2 && [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth === 32)")
-        rect = browser.evaluate("(() => { const r = document.querySelector('#results img').getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
-        source = browser.evaluate("document.querySelector('#results img').src")
-        shot = browser.screenshot()
-    finally:
-        browser.close()
-    (tmp_path / "page.png").write_bytes(shot)
+    # Debian's Chromium (scripts/install-test-tools.sh); Playwright's own browser download is never used.
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is not installed: run `bash scripts/install-test-tools.sh` (Debian's chromium package)"
+    wait_ms = 60_000
+    problems = []  # console errors and uncaught exceptions on the page
+
+    def on_console(message):
+        if message.type == "error":
+            problems.append(f"console error: {message.text} ({message.location})")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900}, device_scale_factor=1)
+            page.on("console", on_console)
+            page.on("pageerror", lambda error: problems.append(f"uncaught exception: {error}"))
+            page.goto(server.url + "/", wait_until="load")
+            expect(page.locator("#model")).to_have_text(re.compile(r"^model pipeline"), timeout=wait_ms)
+            expect(page.locator("#key-label")).to_be_visible(timeout=wait_ms)  # the server wants a key: the page asks for it
+            # The form starts from the server's request defaults (the config's default_steps here).
+            expect(page.locator("#steps")).to_have_value("3", timeout=wait_ms)
+            expect(page.locator("#defaults")).to_have_text(re.compile(r"^defaults: 3 steps"), timeout=wait_ms)
+            page.locator("#prompt").fill("a red circle on the left")
+            page.locator("#steps").fill("3")
+            page.locator("#key").fill(KEY)
+            page.locator("#generate").click()
+            images = page.locator("#results img")
+            expect(images).to_have_count(2, timeout=wait_ms)
+            page.wait_for_function(
+                "document.querySelectorAll('#results img').length === 2"
+                " && [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth === 32)",
+                timeout=wait_ms,
+            )
+            images.first.scroll_into_view_if_needed()
+            box = images.first.evaluate("i => { const r = i.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }")
+            source = images.first.evaluate("i => i.src")
+            shot = page.screenshot(path=tmp_path / "page.png")
+        finally:
+            browser.close()
+    assert problems == [], problems
     screen = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
-    x, y, width, height = (int(round(v)) for v in rect)
+    x, y, width, height = (int(round(v)) for v in box)
     shown = screen[y + 1 : y + height - 1, x + 1 : x + width - 1]  # inside the 1 px border
     background = screen[5, 5]
     assert (np.abs(shown - background).sum(axis=-1) > 30).mean() > 0.5, "the image area looks like the page background"

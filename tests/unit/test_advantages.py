@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator import advantages as adv
-from orchestrator.advantages import PerPromptStatTracker
+from actors.rl import advantages as adv
+from actors.rl.advantages import PerPromptStatTracker
 
 # std values used below: population std (ddof=0), plus EPS = 1e-6 in every denominator
 SQRT_2_3 = (2 / 3) ** 0.5  # std of three rewards spaced 1 apart, e.g. [1, 2, 3]
@@ -56,10 +56,7 @@ def test_tracker_mixes_tracked_and_fallback_prompts_in_one_batch_and_keeps_only_
 def _batches(seed, count):
     rng = np.random.default_rng(seed)
     prompts = ["a cat", "a dog", "a red cube"]
-    return [
-        ([prompts[i] for i in rng.integers(0, len(prompts), size=6)], rng.normal(size=6).astype(np.float32))
-        for _ in range(count)
-    ]
+    return [([prompts[i] for i in rng.integers(0, len(prompts), size=6)], rng.normal(size=6).astype(np.float32)) for _ in range(count)]
 
 
 def test_tracker_state_dict_survives_json_and_resumes_identically():

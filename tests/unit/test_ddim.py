@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from actors import ddim
+from actors.diffusion import ddim
 
 
 def _step(**overrides):
@@ -109,7 +109,14 @@ def test_mixed_timesteps_in_one_batch_equal_separate_calls():
     kw = dict(alphas_cumprod=alphas_cumprod, final_alpha_cumprod=0.99915, eta=1.0)
     both = ddim.ddim_step_with_log_prob(model_output=out, sample=x, timesteps=t, prev_timesteps=t_prev, prev_sample=nxt, **kw)
     for i in range(2):
-        one = ddim.ddim_step_with_log_prob(model_output=out[i : i + 1], sample=x[i : i + 1], timesteps=t[i : i + 1], prev_timesteps=t_prev[i : i + 1], prev_sample=nxt[i : i + 1], **kw)
+        one = ddim.ddim_step_with_log_prob(
+            model_output=out[i : i + 1],
+            sample=x[i : i + 1],
+            timesteps=t[i : i + 1],
+            prev_timesteps=t_prev[i : i + 1],
+            prev_sample=nxt[i : i + 1],
+            **kw,
+        )
         torch.testing.assert_close(both.log_prob[i : i + 1], one.log_prob)
 
 

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from actors.diffusion.policy import DiffusionPolicy
 from actors.evaluate import evaluate
-from actors.policy import DiffusionPolicy
-from actors.rewards import build_reward
-from actors.toy_model import embedded_model_path
-from actors import toy_world
+from actors.rewards.registry import build_reward
+from actors.toy import world as toy_world
+from actors.toy.model import embedded_model_path
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,18 @@ def test_is_a_small_safetensors_sd_pipeline():
 
 def test_follows_held_out_prompts_partly(policy):
     # The README's recorded base score uses exactly these settings (4 images per prompt, seed 0).
-    result = evaluate(policy, toy_world.held_out_prompts(), build_reward("toy_fidelity"), num_per_prompt=4, seed=0,
-                      num_steps=20, eta=1.0, guidance_scale=4.5, batch_size=36, progress=False)
+    result = evaluate(
+        policy,
+        toy_world.held_out_prompts(),
+        build_reward("toy_fidelity"),
+        num_per_prompt=4,
+        seed=0,
+        num_steps=20,
+        eta=1.0,
+        guidance_scale=4.5,
+        batch_size=36,
+        progress=False,
+    )
     assert 0.30 <= result.mean <= 0.85, f"held-out toy_fidelity {result.mean:.3f} is outside the band [0.30, 0.85]"
     # Partial, not random: shape is read correctly far more often than chance (1/3) and
     # colour about twice as often as chance (1/6); colour and position are the headroom for RL.

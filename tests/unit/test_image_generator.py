@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from actors.image_generator import ImageGenerator, ImageJob, adapter_version
-from actors.policy import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
+from actors.diffusion.files import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
+from actors.diffusion.generator import ImageGenerator, ImageJob, adapter_version
 from tests.helpers.adapters import make_adapter
 
 STEPS = 3
@@ -31,8 +31,8 @@ def adapters(tiny_pipeline_dir, tmp_path_factory):
     }
 
 
-def job(prompt="a red circle on the left", seeds=(7,), steps=STEPS, guidance=4.5, use_adapter=True):
-    return ImageJob(prompt=prompt, seeds=tuple(seeds), num_steps=steps, guidance_scale=guidance, use_adapter=use_adapter)
+def job(prompt="a red circle on the left", seeds=(7,), steps=STEPS, guidance=4.5, eta=1.0, use_adapter=True):
+    return ImageJob(prompt=prompt, seeds=tuple(seeds), num_steps=steps, guidance_scale=guidance, eta=eta, use_adapter=use_adapter)
 
 
 def test_image_size_is_what_the_model_makes(generator):
@@ -43,8 +43,12 @@ def test_image_size_is_what_the_model_makes(generator):
 
 def test_an_image_does_not_depend_on_the_jobs_beside_it(generator):
     alone = generator.generate([job()])[0].images[0]
-    crowd = [job(prompt="a blue square at the top", seeds=(1, 2)), job(), job(prompt="a green triangle in the center", seeds=(3,)),
-             job(prompt="a red circle on the left", seeds=(9, 10, 11))]
+    crowd = [
+        job(prompt="a blue square at the top", seeds=(1, 2)),
+        job(),
+        job(prompt="a green triangle in the center", seeds=(3,)),
+        job(prompt="a red circle on the left", seeds=(9, 10, 11)),
+    ]
     before = dict(generator.stats)
     results = generator.generate(crowd)
     # 7 images at batch size 4: two denoising batches, the second padded with one throw-away sample.
@@ -55,9 +59,9 @@ def test_an_image_does_not_depend_on_the_jobs_beside_it(generator):
 
 
 def test_without_padding_batches_run_at_their_own_size(generator):
-    from actors.image_generator import ImageGenerator
+    from actors.diffusion.generator import ImageGenerator
 
-    unpadded = ImageGenerator(generator.policy, eta=1.0, batch_size=4, pad_batches=False)
+    unpadded = ImageGenerator(generator.policy, batch_size=4, pad_batches=False)
     results = unpadded.generate([job(seeds=(1, 2)), job(prompt="a blue square at the top", seeds=(3,))])
     assert unpadded.stats == {"batches": 1, "images": 3, "padding": 0, "largest_batch": 3}
     assert [r.images.shape[0] for r in results] == [2, 1]

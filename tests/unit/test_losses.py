@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from actors import losses
-from actors.losses import AlgorithmParams, LossInputs
+from actors.rl import losses
+from actors.rl.losses import AlgorithmParams, LossInputs
 
 
 def _leaf(values):
@@ -96,9 +96,7 @@ def test_ddpo_is_gradient_equals_ddpo_sf_gradient_on_policy():
     advantages = torch.tensor([0.5, -1.5, 2.0])
     sf_log_prob, is_log_prob = _leaf(values), _leaf(values)
     losses.ddpo_sf_loss(log_prob=sf_log_prob, advantages=advantages).loss.backward()
-    losses.ddpo_is_loss(
-        log_prob=is_log_prob, old_log_prob=torch.tensor(values), advantages=advantages, clip_range=1e-4
-    ).loss.backward()
+    losses.ddpo_is_loss(log_prob=is_log_prob, old_log_prob=torch.tensor(values), advantages=advantages, clip_range=1e-4).loss.backward()
     assert is_log_prob.grad.tolist() == pytest.approx(sf_log_prob.grad.tolist())
     assert sf_log_prob.grad.tolist() == pytest.approx([-0.5 / 3, 1.5 / 3, -2.0 / 3])
 
@@ -211,8 +209,14 @@ def test_dpok_is_ddpo_is_plus_beta_kl_exactly():
     policy = losses.ddpo_is_loss(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, clip_range=0.05)
     kl = losses.gaussian_kl(mean=mean, ref_mean=ref_mean, std=std)
     out = losses.dpok_loss(
-        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
-        mean=mean, ref_mean=ref_mean, std=std, beta=beta, clip_range=0.05,
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        mean=mean,
+        ref_mean=ref_mean,
+        std=std,
+        beta=beta,
+        clip_range=0.05,
     )
     assert out.loss.item() == pytest.approx((policy.loss + beta * kl.mean()).item(), rel=1e-6)
     for key, value in policy.stats.items():
@@ -224,9 +228,7 @@ def test_dpok_with_beta_zero_is_ddpo_is():
     out = _dpok(beta=0.0, log_prob=log_prob)
     out.loss.backward()
     reference = _leaf([0.0, math.log(1.5)])
-    is_out = losses.ddpo_is_loss(
-        log_prob=reference, old_log_prob=torch.zeros(2), advantages=torch.tensor([1.0, -2.0]), clip_range=0.2
-    )
+    is_out = losses.ddpo_is_loss(log_prob=reference, old_log_prob=torch.zeros(2), advantages=torch.tensor([1.0, -2.0]), clip_range=0.2)
     is_out.loss.backward()
     assert out.loss.item() == is_out.loss.item()
     assert log_prob.grad.tolist() == reference.grad.tolist()
@@ -393,7 +395,9 @@ def test_is_weights_scale_each_transitions_clipped_term():
     # weights [0.5, 1]: loss = mean([-0.6, 2]) = 0.7
     log_prob, old = torch.tensor([0.5, 0.0]), torch.zeros(2)
     advantages = torch.tensor([1.0, -2.0])
-    out = losses.ddpo_is_loss(log_prob=log_prob, old_log_prob=old, advantages=advantages, clip_range=0.2, is_weights=torch.tensor([0.5, 1.0]))
+    out = losses.ddpo_is_loss(
+        log_prob=log_prob, old_log_prob=old, advantages=advantages, clip_range=0.2, is_weights=torch.tensor([0.5, 1.0])
+    )
     assert out.loss.item() == pytest.approx(0.7)
     plain = losses.ddpo_is_loss(log_prob=log_prob, old_log_prob=old, advantages=advantages, clip_range=0.2)
     assert plain.loss.item() == pytest.approx(0.4)
@@ -403,7 +407,9 @@ def test_dpok_weights_the_policy_term_but_not_the_kl():
     log_prob = _leaf([0.0, 0.0])
     mean = torch.ones(2, 1, 1, 1) * 2.0
     ref_mean, std = torch.ones(2, 1, 1, 1), torch.ones(2, 1, 1, 1)
-    args = dict(old_log_prob=torch.zeros(2), advantages=torch.tensor([1.0, 1.0]), mean=mean, ref_mean=ref_mean, std=std, beta=0.5, clip_range=0.2)
+    args = dict(
+        old_log_prob=torch.zeros(2), advantages=torch.tensor([1.0, 1.0]), mean=mean, ref_mean=ref_mean, std=std, beta=0.5, clip_range=0.2
+    )
     weighted = losses.dpok_loss(log_prob=log_prob, is_weights=torch.tensor([0.25, 0.25]), **args)
     # policy term: mean(0.25 * -1) = -0.25; KL = (2 - 1)^2 / 2 = 0.5 per row, beta * 0.5 = 0.25
     assert weighted.loss.item() == pytest.approx(-0.25 + 0.25)

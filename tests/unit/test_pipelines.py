@@ -11,11 +11,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from actors.losses import ddpo_is_loss
-from actors.pipelines import SD, SDXL, detect_family
-from actors.policy import DiffusionPolicy, load_policy
-from actors.trajectory import Trajectories
+from actors.diffusion import families
+from actors.diffusion.files import LORA_WEIGHTS_NAME, SD, SDXL, detect_family
+from actors.diffusion.flow_policy import SD3_LORA_TARGETS, FlowPolicy
+from actors.diffusion.policy import UNET_LORA_TARGETS, DiffusionPolicy, load_policy, pretrained_policy
+from actors.diffusion.trajectory import Trajectories
+from actors.rl.losses import ddpo_is_loss
+from actors.toy.sd3 import build_random_sd3_pipeline
 from orchestrator.config import LoRAConfig, ModelConfig
 from tests.helpers.transitions import step_inputs
 
@@ -97,8 +101,12 @@ def test_one_training_step_changes_the_adapter_and_stays_finite(family):
         guidance_scale=trajectories.guidance_scale,
         eta=trajectories.eta,
     )
-    loss = ddpo_is_loss(log_prob=out.log_prob, old_log_prob=torch.from_numpy(trajectories.log_probs[:, step]),
-                        advantages=torch.tensor([1.0, -0.5, -0.5]), clip_range=0.2)
+    loss = ddpo_is_loss(
+        log_prob=out.log_prob,
+        old_log_prob=torch.from_numpy(trajectories.log_probs[:, step]),
+        advantages=torch.tensor([1.0, -0.5, -0.5]),
+        clip_range=0.2,
+    )
     loss.loss.backward()
     optimizer.step()
     after = dict(learner.unet.named_parameters())
@@ -106,6 +114,43 @@ def test_one_training_step_changes_the_adapter_and_stays_finite(family):
     assert changed and all("lora" in name for name in changed)
     assert all(torch.isfinite(after[name]).all() for name in before)
     assert all(torch.equal(frozen_before[name], after[name]) for name in frozen_before)
+
+
+def test_a_learner_written_adapter_loads_into_the_diffusers_pipeline_at_its_own_scale(family, tmp_path):
+    # The adapter has alpha 8 and rank 4 (scale 2). The file must tell diffusers so: without the
+    # config in its metadata, diffusers takes alpha = rank and applies the adapter at half strength.
+    variant, path, rollout, _ = family
+    weights = {name: tensor.numpy() for name, tensor in rollout.lora_state_dict().items()}  # as the learner ships them
+    directory = rollout.save_lora(tmp_path / "lora", weights)
+    pipeline_cls = StableDiffusionXLPipeline if variant == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline_cls.from_pretrained(path, **({} if variant == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}))
+    trajectories, _ = rollout.sample(PROMPTS[:2], seeds=[1, 2], num_steps=2, guidance_scale=3.0, decode=False)
+    inputs = dict(
+        sample=torch.from_numpy(trajectories.latents[:, 1]),
+        timestep=torch.full((2,), 500),
+        encoder_hidden_states=torch.from_numpy(trajectories.prompt_embeds),
+    )
+    if variant == "sdxl":
+        time_ids = families.add_time_ids(height=rollout.image_size, width=rollout.image_size).expand(2, -1)
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(trajectories.pooled_prompt_embeds), "time_ids": time_ids}
+    with torch.no_grad():
+        plain = pipe.unet(**inputs).sample
+        pipe.load_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME)
+        theirs, ours = pipe.unet(**inputs).sample, rollout.unet(**inputs).sample
+    assert (ours - plain).abs().max() > 1e-3  # the adapter's effect is large enough for a wrong scale to show
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loader_picks_the_policy_class_and_its_default_lora_targets(family_pipeline_dirs, tmp_path):
+    sd3 = build_random_sd3_pipeline(tmp_path / "sd3")
+    # lora.target_modules is null by default: each class adapts its own default layers
+    flow = load_policy(ModelConfig(path=str(sd3), device="cpu"), unet_only=True)
+    assert isinstance(flow, FlowPolicy) and set(flow.lora_config.target_modules) == set(SD3_LORA_TARGETS)
+    assert isinstance(pretrained_policy(sd3, finetune="full", device="cpu", unet_only=True), FlowPolicy)
+    unet = load_policy(ModelConfig(path=str(family_pipeline_dirs["sd15"]), device="cpu"), unet_only=True)
+    assert isinstance(unet, DiffusionPolicy) and set(unet.lora_config.target_modules) == set(UNET_LORA_TARGETS)
+    with pytest.raises(ValueError, match="holds a sd3 pipeline, a flow-matching model: load it with FlowPolicy"):
+        DiffusionPolicy.from_pretrained(sd3, device="cpu")
 
 
 def test_unet_only_policy_refuses_to_sample(family_pipeline_dirs):

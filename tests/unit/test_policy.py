@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, DiffusionPolicy
+from actors.diffusion.files import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
+from actors.diffusion.policy import DiffusionPolicy
 from tests.helpers.transitions import step_inputs
 
-PROMPTS = ["a red circle on the left", "an orange square at the top", "a blue triangle in the center", "a green circle at the bottom", "a purple square on the right", "a yellow triangle at the top"]
+PROMPTS = [
+    "a red circle on the left",
+    "an orange square at the top",
+    "a blue triangle in the center",
+    "a green circle at the bottom",
+    "a purple square on the right",
+    "a yellow triangle at the top",
+]
 
 
 def _perturb(parameters, scale=0.05, seed=0):
@@ -74,7 +82,9 @@ def test_sample_does_not_depend_on_batch_companions(lora_policy):
 
 
 def test_lora_only_adapter_trains_and_base_is_frozen(tiny_pipeline_dir):
-    policy = DiffusionPolicy.from_pretrained(tiny_pipeline_dir, finetune="lora", lora_rank=2, lora_target_modules=("to_q", "to_v"), device="cpu")
+    policy = DiffusionPolicy.from_pretrained(
+        tiny_pipeline_dir, finetune="lora", lora_rank=2, lora_target_modules=("to_q", "to_v"), device="cpu"
+    )
     named = dict(policy.unet.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
@@ -143,7 +153,13 @@ def test_sampling_argument_errors(lora_policy):
 
 def _adapter_policy(tiny_pipeline_dir, seed, **kwargs):
     policy = DiffusionPolicy.from_pretrained(
-        tiny_pipeline_dir, finetune="lora", lora_rank=4, lora_alpha=8.0, lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], device="cpu", **kwargs
+        tiny_pipeline_dir,
+        finetune="lora",
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"],
+        device="cpu",
+        **kwargs,
     )
     _perturb(policy.trainable_parameters(), seed=seed)
     return policy
@@ -159,7 +175,9 @@ def test_merged_adapter_samples_like_the_unmerged_one_and_unmerges_exactly(tiny_
     unmerged, _ = policy.sample(PROMPTS[:3], seeds=[5, 6, 7], num_steps=3, guidance_scale=3.0)
 
     assert policy.merge_lora() is True and policy.lora_merged
-    assert any(not torch.equal(frozen[name], p) for name, p in policy.unet.named_parameters() if name in frozen), "merging changed no weight"
+    assert any(not torch.equal(frozen[name], p) for name, p in policy.unet.named_parameters() if name in frozen), (
+        "merging changed no weight"
+    )
     merged, _ = policy.sample(PROMPTS[:3], seeds=[5, 6, 7], num_steps=3, guidance_scale=3.0)
     np.testing.assert_allclose(merged.latents, unmerged.latents, rtol=1e-5, atol=1e-4)  # float rounding, relative to |x| up to ~15
     np.testing.assert_allclose(np.exp(merged.log_probs - unmerged.log_probs), 1.0, atol=1e-4)

@@ -9,7 +9,9 @@ def test_the_promised_presets_exist():
     assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "quickstart"} <= set(preset_names())
 
 
-GPU_PRESETS = ["sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo"]
+GPU_PRESETS = ["sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo", "sd35m-pickscore-grpo", "flux-dev-hpsv2-grpo"]
+FLOW_PRESETS = ["sd35m-pickscore-grpo", "flux-dev-hpsv2-grpo"]
+"""The flow-matching presets (SD3.5, FLUX): Flow-GRPO's SDE, group advantages, the KL reference from the learners."""
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -28,11 +30,33 @@ def test_real_model_presets_validate_without_weights_and_ask_for_gpus():
         assert cfg.learner.num_gpus_per_worker >= 1 and cfg.pools.rollout.num_gpus >= 1 and cfg.pools.reward.num_gpus > 0
         if cfg.pools.reference.num_actors:
             assert cfg.pools.reference.num_gpus > 0
-    ddpo, dpok, grpo = (load_preset(name) for name in GPU_PRESETS)
+    ddpo, dpok, grpo = (load_preset(name) for name in ("sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo"))
     assert ddpo.train.algorithm == "ddpo_is" and [c.name for c in ddpo.reward.components] == ["aesthetic"]
-    assert dpok.train.algorithm == "dpok" and dpok.pools.reference.num_actors >= 1 and [c.name for c in dpok.reward.components] == ["imagereward"]
-    assert grpo.train.advantage == "group" and grpo.train.samples_per_prompt > 1 and [c.name for c in grpo.reward.components] == ["pickscore"]
+    assert (
+        dpok.train.algorithm == "dpok"
+        and dpok.pools.reference.num_actors >= 1
+        and [c.name for c in dpok.reward.components] == ["imagereward"]
+    )
+    assert (
+        grpo.train.advantage == "group" and grpo.train.samples_per_prompt > 1 and [c.name for c in grpo.reward.components] == ["pickscore"]
+    )
     assert "xl" in grpo.model.path
+
+
+def test_flow_matching_presets_follow_flow_grpo_without_a_reference_copy():
+    sd35, flux = (load_preset(name) for name in FLOW_PRESETS)
+    for cfg in (sd35, flux):
+        assert cfg.model.dtype == "bfloat16" and cfg.model.finetune == "lora"
+        assert cfg.train.algorithm == "dpok" and cfg.train.beta > 0 and cfg.train.reference == "adapter_off"
+        assert not cfg.reference_pool_used  # no second copy of the transformer
+        assert cfg.train.advantage == "group" and cfg.train.samples_per_prompt == 24  # Flow-GRPO's group size
+        assert cfg.train.timestep_selection == "earliest" and cfg.train.trained_steps(cfg.sampling.num_steps) == cfg.sampling.num_steps - 1
+    assert "3.5-medium" in sd35.model.path and [c.name for c in sd35.reward.components] == ["pickscore"]
+    assert (sd35.sampling.num_steps, sd35.sampling.eta, sd35.sampling.guidance_scale) == (10, 0.7, 4.5)
+    assert (sd35.model.lora.rank, sd35.model.lora.alpha) == (32, 64.0)
+    assert "FLUX.1-dev" in flux.model.path and [c.name for c in flux.reward.components] == ["hpsv2"]
+    assert flux.sampling.guidance_scale == 3.5 and flux.sampling.sde_window is None  # distilled guidance; no window for FLUX yet
+    assert (flux.model.lora.rank, flux.model.lora.alpha) == (64, 128.0)
 
 
 @pytest.mark.parametrize("name", GPU_PRESETS)

@@ -1,15 +1,35 @@
 """ReplayBuffer: eviction, staleness, reuse and selection by hand; Parquet round trip bit for bit."""
 
+import dataclasses
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from actors.trajectory import Trajectories
-from orchestrator.replay import ReplayBuffer, ReplayEntry, read_replay, staleness_stats, write_replay
+from actors.diffusion.trajectory import Trajectories
+from orchestrator.replay import (
+    ReplayBuffer,
+    ReplayEntry,
+    read_replay,
+    staleness_stats,
+    write_replay,
+)
 
 
 def entries(epoch, version, count, *, chunk_size=2):
-    return [ReplayEntry(epoch=epoch, index=i, chunk=i // chunk_size, row=i % chunk_size, version=version, prompt=f"p{epoch}-{i}",
-                        reward=float(i), advantage=float(i) - 1.5) for i in range(count)]
+    return [
+        ReplayEntry(
+            epoch=epoch,
+            index=i,
+            chunk=i // chunk_size,
+            row=i % chunk_size,
+            version=version,
+            prompt=f"p{epoch}-{i}",
+            reward=float(i),
+            advantage=float(i) - 1.5,
+        )
+        for i in range(count)
+    ]
 
 
 def test_sync_defaults_train_exactly_the_fresh_batch_in_order_then_drop_it():
@@ -116,7 +136,8 @@ def test_parquet_round_trip_is_exact(tmp_path, with_reference):
     restored, rebuilt = read_replay(tmp_path / "replay.parquet")
     # Same records (rows renumbered into the rebuilt chunks), same order.
     assert [(e.epoch, e.index, e.chunk, e.version, e.uses, e.prompt, e.reward, e.advantage) for e in restored] == [
-        (e.epoch, e.index, e.chunk, e.version, e.uses, e.prompt, e.reward, e.advantage) for e in saved]
+        (e.epoch, e.index, e.chunk, e.version, e.uses, e.prompt, e.reward, e.advantage) for e in saved
+    ]
     for before, after in zip(saved, restored):
         original, ref = chunks[before.key]
         trajectories, ref_after = rebuilt[after.key]
@@ -136,6 +157,43 @@ def test_parquet_round_trip_is_exact(tmp_path, with_reference):
     assert rebuilt[(1, 0)][0].batch_size == 1
 
 
+def test_pooled_embeddings_round_trip_for_sdxl_and_sd3_chunks(tmp_path):
+    # SDXL and SD3 condition on pooled embeddings too: a restored chunk without them could not be trained on.
+    # This chunk is SD3-like: float32 sigmas for timesteps.
+    trajectories, _ = fake_chunk(4, 3, version=2)
+    rng = np.random.default_rng(4)
+    trajectories.timesteps = np.array([1.0, 0.6, 0.3], dtype=np.float32)
+    trajectories.prev_timesteps = np.array([0.6, 0.3, 0.0], dtype=np.float32)
+    trajectories.pooled_prompt_embeds = rng.standard_normal((3, 7)).astype(np.float32)
+    trajectories.negative_pooled_prompt_embeds = rng.standard_normal(7).astype(np.float32)
+    saved = [e for e in entries(3, 2, 3, chunk_size=3) if e.index != 0]  # rows 1 and 2 of chunk 0
+    assert write_replay(tmp_path / "replay.parquet", saved, lambda key: (trajectories, None)) == 2
+    _, rebuilt = read_replay(tmp_path / "replay.parquet")
+    restored = rebuilt[(3, 0)][0]
+    np.testing.assert_array_equal(restored.pooled_prompt_embeds, trajectories.pooled_prompt_embeds[1:])
+    np.testing.assert_array_equal(restored.negative_pooled_prompt_embeds, trajectories.negative_pooled_prompt_embeds)
+    np.testing.assert_array_equal(restored.timesteps, trajectories.timesteps)
+    assert restored.timesteps.dtype == np.float32 and restored.pooled_prompt_embeds.dtype == np.float32
+    # a chunk without pooled embeddings (SD) comes back without them
+    plain, _ = fake_chunk(5, 2, version=0)
+    write_replay(tmp_path / "plain.parquet", entries(1, 0, 2), lambda key: (plain, None))
+    plain_restored = read_replay(tmp_path / "plain.parquet")[1][(1, 0)][0]
+    assert plain_restored.pooled_prompt_embeds is None and plain_restored.negative_pooled_prompt_embeds is None
+
+
 def test_empty_buffer_round_trips(tmp_path):
     assert write_replay(tmp_path / "empty.parquet", [], lambda key: pytest.fail("nothing to fetch")) == 0
     assert read_replay(tmp_path / "empty.parquet") == ([], {})
+
+
+def test_an_sde_window_chunk_keeps_its_first_step_and_older_files_read_as_every_step(tmp_path):
+    # A flow policy's window [2, 5) of 8 steps: three recorded steps, the first of them step 2.
+    trajectories, ref = fake_chunk(6, 2, version=0)
+    trajectories = dataclasses.replace(trajectories, num_inference_steps=8, first_step=2)
+    write_replay(tmp_path / "window.parquet", entries(1, 0, 2), lambda key: (trajectories, ref))
+    restored = read_replay(tmp_path / "window.parquet")[1][(1, 0)][0]
+    assert (restored.first_step, restored.num_inference_steps, restored.num_steps) == (2, 8, 3)
+    # a file written before windows existed has no first_step column: it recorded every step
+    table = pq.read_table(tmp_path / "window.parquet")
+    pq.write_table(table.drop_columns(["first_step"]), tmp_path / "old.parquet")
+    assert read_replay(tmp_path / "old.parquet")[1][(1, 0)][0].first_step == 0

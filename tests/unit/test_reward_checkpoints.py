@@ -1,7 +1,7 @@
 """Published test vectors for real reward checkpoints; they run only where the weights are.
 
 The weights cannot be downloaded in CI, so each test is skipped unless its environment
-variables point at local files (see README, "Reward models"):
+variables point at local files (see docs/models-and-rewards.md, "Reward models"):
 
 - ``RAYALIGN_IMAGEREWARD_WEIGHTS``: the directory written by ``rayalign convert-reward
   imagereward`` from the published ImageReward.pt; ``RAYALIGN_IMAGEREWARD_EXAMPLES``: the
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.rewards import resolve_reward, score_batch
+from actors.rewards.registry import resolve_reward, score_batch
 
 IMAGEREWARD_PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
 IMAGEREWARD_PUBLISHED = [0.5811622738838196, 0.2745276093482971, -1.4131819009780884, -2.029569625854492]

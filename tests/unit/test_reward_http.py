@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from actors import toy_world
-from actors.rewards import resolve_reward, score_batch
-from tests.helpers.scoring_server import ScoringServer, decode_png
+from actors.rewards.registry import resolve_reward, score_batch
+from actors.toy import world as toy_world
+from jobs.bench.judge import Judge, decode_png
+from tests.helpers.scoring_server import ScoringServer
 
 
 def toy_batch(size: int):
@@ -94,8 +96,35 @@ def test_server_down_is_a_clear_error():
     with socket.socket() as probe:  # a port that nothing listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(ValueError, match=r"no answer from http://127.0.0.1:\d+/score after 2 attempt\(s\) \(last error: cannot connect.*is the scoring service running"):
+    with pytest.raises(
+        ValueError,
+        match=r"no answer from http://127.0.0.1:\d+/score after 2 attempt\(s\) "
+        r"\(last error: cannot connect.*is the scoring service running",
+    ):
         score_batch(http_reward(f"http://127.0.0.1:{port}/score", retries=1), *toy_batch(2))
+
+
+def test_a_service_killed_and_started_again_is_waited_for():
+    # The judge's process is SIGKILLed (connections refused), and comes back 2 s later on the same
+    # port: the reward keeps retrying with backoff and scores the batch once it answers.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    judge = Judge(port).start()
+    images, prompts = toy_batch(3)
+    reward = http_reward(judge.url, retries=5, backoff_s=0.25)  # waits up to 0.25 + 0.5 + 1 + 2 + 4 s
+    judge.kill()
+    comeback = threading.Timer(2.0, judge.start)
+    comeback.start()
+    try:
+        started = time.perf_counter()
+        scores, info = score_batch(reward, images, prompts)
+        waited = time.perf_counter() - started
+    finally:
+        comeback.join()
+        judge.kill()
+    assert waited >= 2.0 and info["retries"] >= 3
+    np.testing.assert_allclose(scores, images.reshape(3, -1).mean(axis=1) / 255.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Model rewards (actors/reward_models.py) and their converters, on tiny random checkpoints.
+"""Model rewards (actors/rewards/models.py) and their converters, on tiny random checkpoints.
 
 Every converted reward is checked against an independent computation from the original
 checkpoint layout (tests/helpers/reference_models.py): the same number, to float32
@@ -16,10 +16,20 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel
 
-from actors import toy_world
-from actors.reward_convert import convert_reward, load_pickle_state
-from actors.reward_nets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSpec, preprocess_images
-from actors.rewards import build_reward, build_reward_from_config, resolve_reward, score_batch
+from actors.rewards.convert import convert_reward, load_pickle_state
+from actors.rewards.nets import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageSpec,
+    preprocess_images,
+)
+from actors.rewards.registry import (
+    build_reward,
+    build_reward_from_config,
+    resolve_reward,
+    score_batch,
+)
+from actors.toy import world as toy_world
 from orchestrator.config import RewardComponent, RewardConfig, load_config
 from tests.helpers.tiny_rewards import IMAGE_SIZE
 
@@ -96,7 +106,9 @@ def test_imagereward_conversion_reproduces_the_blip_checkpoint(tiny_reward_model
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_models.imagereward)
     tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
-        expected = tiny_reward_models.imagereward_model.score(preprocess_images(images, spec()), tokens["input_ids"], tokens["attention_mask"]).numpy()
+        expected = tiny_reward_models.imagereward_model.score(
+            preprocess_images(images, spec()), tokens["input_ids"], tokens["attention_mask"]
+        ).numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert tokens["input_ids"][0, 0] == tokenizer.cls_token_id  # ImageReward scores from the [CLS] position
 
@@ -157,7 +169,9 @@ def test_bad_options_fail_at_construction_naming_the_option(name, options, match
 
 def test_construction_loads_nothing_and_check_names_the_missing_file(tmp_path):
     reward = resolve_reward("imagereward", {"weights": str(tmp_path / "missing")})  # no error: nothing is read yet
-    with pytest.raises(ValueError, match=r"options.weights='.*missing' does not exist.*ImageReward.pt.*THUDM/ImageReward.*convert-reward imagereward"):
+    with pytest.raises(
+        ValueError, match=r"options.weights='.*missing' does not exist.*ImageReward.pt.*THUDM/ImageReward.*convert-reward imagereward"
+    ):
         reward.check()
 
 
@@ -182,7 +196,9 @@ def test_hub_id_resolves_from_the_local_cache_only(tiny_reward_models, tmp_path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match=r"'tiny-org/tiny-clip' is not a local path and is not in the local Hugging Face cache.*hf download"):
+    with pytest.raises(
+        ValueError, match=r"'tiny-org/tiny-clip' is not a local path and is not in the local Hugging Face cache.*hf download"
+    ):
         resolve_reward("clip_score", {"weights": "tiny-org/tiny-clip"}).check()
 
     # The cache layout huggingface_hub writes: refs/main names a snapshot folder.
@@ -200,7 +216,15 @@ def test_aesthetic_head_must_match_the_clip_width(tiny_reward_models, tmp_path):
     from safetensors.torch import save_file
 
     wide = tmp_path / "wide.safetensors"
-    save_file({"layers.0.weight": torch.zeros(4, 24), "layers.0.bias": torch.zeros(4), "layers.1.weight": torch.zeros(1, 4), "layers.1.bias": torch.zeros(1)}, str(wide))
+    save_file(
+        {
+            "layers.0.weight": torch.zeros(4, 24),
+            "layers.0.bias": torch.zeros(4),
+            "layers.1.weight": torch.zeros(1, 4),
+            "layers.1.bias": torch.zeros(1),
+        },
+        str(wide),
+    )
     reward = resolve_reward("aesthetic", {"weights": str(wide), "clip": str(tiny_reward_models.clip), "device": "cpu"})
     with pytest.raises(ValueError, match=r"takes 24-d embeddings but the CLIP .* makes 16-d ones"):
         reward.load()
@@ -217,7 +241,7 @@ def test_reward_options_come_from_yaml_config(tiny_reward_models, tmp_path):
         "  - toy_fidelity\n"
     )
     cfg = load_config(path)
-    assert cfg.reward.components[0] == RewardComponent("aesthetic", 0.5, options={**options, "batch_size": 2})
+    assert cfg.reward.components[0] == RewardComponent(name="aesthetic", weight=0.5, options={**options, "batch_size": 2})
     images, prompts = toy_batch(3)
     combined, info = score_batch(build_reward_from_config(cfg.reward), images, prompts)
     alone, _ = score_batch(resolve_reward("aesthetic", options), images, prompts)
@@ -233,8 +257,16 @@ def test_options_config_errors_name_the_field():
 @pytest.mark.parametrize(
     ("components", "options", "match"),
     [
-        ((("jpeg_compressibility", 1.0),), {"jpeg_compressibility": {"device": "cpu"}}, r"'jpeg_compressibility' takes no options, got \['device'\]"),
-        ((("toy_fidelity", 1.0),), {"aesthetic": {"weights": "x"}}, r"options given for reward\(s\) \['aesthetic'\] that are not components"),
+        (
+            (("jpeg_compressibility", 1.0),),
+            {"jpeg_compressibility": {"device": "cpu"}},
+            r"'jpeg_compressibility' takes no options, got \['device'\]",
+        ),
+        (
+            (("toy_fidelity", 1.0),),
+            {"aesthetic": {"weights": "x"}},
+            r"options given for reward\(s\) \['aesthetic'\] that are not components",
+        ),
     ],
 )
 def test_combined_reward_rejects_misplaced_options(components, options, match):
@@ -243,24 +275,24 @@ def test_combined_reward_rejects_misplaced_options(components, options, match):
 
 
 def test_reward_worker_loads_models_at_start(tiny_reward_models, tmp_path):
-    from actors.reward_worker import RewardWorker
+    from actors.workers.reward import RewardWorker
 
     options = tiny_reward_models.options()["imagereward"]
-    worker = RewardWorker(RewardConfig((RewardComponent("imagereward", options=options),)))
+    worker = RewardWorker(RewardConfig(components=(RewardComponent(name="imagereward", options=options),)))
     images, prompts = toy_batch(3)
-    scores, info, seconds = worker.score(images, prompts, batch_index=0)
-    assert scores.shape == (3,) and set(info) == {"imagereward/score"} and seconds > 0
+    scores, info, timing = worker.score(images, prompts, batch_index=0)
+    assert scores.shape == (3,) and set(info) == {"imagereward/score"} and timing["busy_s"] > 0
 
     with pytest.raises(ValueError, match=r"reward 'imagereward'.*does not exist"):
-        RewardWorker(RewardConfig((RewardComponent("imagereward", options={"weights": str(tmp_path / "nope")}),)))
+        RewardWorker(RewardConfig(components=(RewardComponent(name="imagereward", options={"weights": str(tmp_path / "nope")}),)))
 
 
 def test_training_preflight_checks_reward_weights_before_any_actor(tmp_path):
-    from orchestrator.run import _check_names
+    from orchestrator.run import check_names
 
     cfg = load_config({"reward": [{"name": "hpsv2", "options": {"weights": str(tmp_path / "no-hps")}}]})
     with pytest.raises(ValueError, match=r"reward 'hpsv2': options.weights='.*no-hps' does not exist"):
-        _check_names(cfg)
+        check_names(cfg)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +302,9 @@ def test_training_preflight_checks_reward_weights_before_any_actor(tmp_path):
 
 def test_conversion_records_provenance_and_never_overwrites(tiny_reward_models, tmp_path):
     record = json.loads((tiny_reward_models.aesthetic / "conversion.json").read_text())
-    assert record["kind"] == "aesthetic" and record["source"] == tiny_reward_models.aesthetic_pth.name and len(record["source_sha256"]) == 64
+    assert (
+        record["kind"] == "aesthetic" and record["source"] == tiny_reward_models.aesthetic_pth.name and len(record["source_sha256"]) == 64
+    )
     with pytest.raises(ValueError, match="already exists and is not an empty directory"):
         convert_reward("aesthetic", source=tiny_reward_models.aesthetic_pth, output=tiny_reward_models.aesthetic)
     assert sorted(p.name for p in tiny_reward_models.aesthetic.iterdir()) == ["conversion.json", "model.safetensors"]
@@ -279,7 +313,14 @@ def test_conversion_records_provenance_and_never_overwrites(tiny_reward_models, 
 def test_failed_conversion_leaves_nothing_behind(tiny_reward_models, tmp_path):
     out = tmp_path / "hps"
     with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but .* word embeddings have \d+ rows"):
-        convert_reward("hpsv2", source=tiny_reward_models.hpsv2_pt, output=out, tokenizer=str(tiny_reward_models.bert_tokenizer), vision_heads=2, text_heads=2)
+        convert_reward(
+            "hpsv2",
+            source=tiny_reward_models.hpsv2_pt,
+            output=out,
+            tokenizer=str(tiny_reward_models.bert_tokenizer),
+            vision_heads=2,
+            text_heads=2,
+        )
     assert list(tmp_path.iterdir()) == []
 
 

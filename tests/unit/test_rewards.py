@@ -1,18 +1,21 @@
-"""Tests for actors/rewards.py: registry conformance, each reward's meaning, combination, errors."""
+"""Tests for actors/rewards/registry.py: registry conformance, each reward's meaning, combination, errors."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from actors import toy_world
-from actors.rewards import (
+from actors.rewards.registry import (
+    LAZY,
     REWARDS,
     CombinedReward,
     RewardFn,
+    all_rewards,
     build_reward,
     check_scores,
     configured_rewards,
@@ -21,6 +24,7 @@ from actors.rewards import (
     resolve_reward,
     score_batch,
 )
+from actors.toy import world as toy_world
 
 USER_REWARD = "tests.helpers.user_reward:mean_brightness"
 
@@ -49,11 +53,28 @@ def runnable(name: str, reward_options) -> RewardFn:
     return resolve_reward(name, reward_options.get(name))
 
 
+def test_lazily_named_rewards_are_what_their_module_registers():
+    all_rewards()
+    for module in set(LAZY.values()):
+        registered = {name for name, entry in REWARDS.items() if entry.__module__ == module}
+        assert registered == {name for name, owner in LAZY.items() if owner == module}
+
+
+def test_checking_a_toy_reward_config_imports_neither_torch_nor_transformers():
+    # The driver checks the reward config before any actor starts; a model reward's imports cost seconds there.
+    code = (
+        "import sys; from actors.rewards.registry import build_reward; build_reward([('toy_fidelity', 1.0)]).check(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_every_configured_reward_has_test_options(reward_options):
     assert set(configured_rewards()) <= set(reward_options), "add the new reward's options to the reward_options fixture"
 
 
-@pytest.mark.parametrize("name", sorted(REWARDS))
+@pytest.mark.parametrize("name", sorted(all_rewards()))
 def test_reward_conformance(name, reward_options):
     reward = runnable(name, reward_options)
     images, prompts = toy_batch(8)
@@ -76,7 +97,7 @@ def test_reward_conformance(name, reward_options):
 
 def test_registered_reward_returned_directly_matches_registry_name():
     images, prompts = toy_batch(2)
-    for name, fn in REWARDS.items():
+    for name, fn in all_rewards().items():
         if not is_configured_reward(fn):
             np.testing.assert_array_equal(score_batch(fn, images, prompts)[0], score_batch(name, images, prompts)[0])
 
@@ -209,7 +230,7 @@ def test_combined_reward_is_the_weighted_sum():
     assert combined.name == "0.5*toy_fidelity + 2*jpeg_incompressibility"
 
 
-@pytest.mark.parametrize("name", sorted(REWARDS))
+@pytest.mark.parametrize("name", sorted(all_rewards()))
 def test_single_component_with_weight_one_equals_the_reward(name, reward_options):
     images, prompts = toy_batch(4)
     alone, _ = score_batch(runnable(name, reward_options), images, prompts)
@@ -411,3 +432,24 @@ def test_score_batch_normalises_missing_metadata_to_empty_dicts():
     score_batch(records_metadata, images, ["a", "b"], [{"step": 1}, {"step": 2}])
     assert seen == [[{}, {}], [{"step": 1}, {"step": 2}]]
 
+
+def test_a_non_finite_score_is_an_error_naming_the_reward_the_prompt_and_the_value():
+    images, prompts = toy_batch(4)
+    with pytest.raises(ValueError) as caught:
+        score_batch("tests.helpers.user_reward:nan_for_circles", images, prompts)
+    first = next(i for i, p in enumerate(prompts) if "circle" in p)
+    assert "nan_for_circles" in str(caught.value) and f"the first, nan for prompt {prompts[first]!r}" in str(caught.value)
+
+
+def test_the_reward_worker_drops_only_the_samples_the_reward_fails_on():
+    from actors.workers.reward import RewardWorker
+    from orchestrator.config import RewardConfig
+
+    images, prompts = toy_batch(8)
+    circles = np.array(["circle" in p for p in prompts])
+    assert circles.any() and not circles.all()
+    name = "tests.helpers.user_reward:nan_for_circles"
+    scores, _, _ = RewardWorker(RewardConfig(components=({"name": name},), on_invalid="drop")).score(images, prompts, 0)
+    assert np.isnan(scores[circles]).all() and np.isfinite(scores[~circles]).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        RewardWorker(RewardConfig(components=({"name": name},))).score(images, prompts, 0)

@@ -9,36 +9,62 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.serve_api import (
+from actors.diffusion.images import encode_png
+from jobs.serve.api import (
     MAX_SEED,
     RequestError,
     check_api_key,
-    encode_png,
     generation_response,
     image_seeds,
     parse_generation_request,
 )
 from orchestrator.config import ServeLimitsConfig
+from orchestrator.rundir import SamplerSettings
 
-LIMITS = ServeLimitsConfig(max_prompt_chars=40, max_n=3, default_steps=7, max_steps=30, default_guidance_scale=3.0, max_guidance_scale=9.0, max_body_bytes=2048)
+LIMITS = ServeLimitsConfig(max_prompt_chars=40, max_n=3, max_steps=30, max_guidance_scale=9.0, max_body_bytes=2048)
+DEFAULTS = SamplerSettings(num_steps=7, eta=0.5, guidance_scale=3.0)
 MODELS = ["toy-t2i+lora", "toy-t2i"]
 
 
 def parse(body, **kwargs):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_generation_request(raw, limits=LIMITS, sizes=["32x32"], models=MODELS, **kwargs)
+    return parse_generation_request(raw, limits=LIMITS, defaults=DEFAULTS, sizes=["32x32"], models=MODELS, **kwargs)
 
 
-def test_defaults_come_from_the_limits_and_the_model():
+def test_defaults_come_from_the_server_and_the_model():
     request = parse({"prompt": "a red circle on the left"}, rng=random.Random(0))
-    assert (request.n, request.size, request.num_inference_steps, request.guidance_scale, request.model) == (1, "32x32", 7, 3.0, "toy-t2i+lora")
+    assert (request.n, request.size, request.num_inference_steps, request.guidance_scale, request.model) == (
+        1,
+        "32x32",
+        7,
+        3.0,
+        "toy-t2i+lora",
+    )
     assert not request.seed_given and 0 <= request.seed <= MAX_SEED
 
 
 def test_every_field_is_read():
-    request = parse({"prompt": "a blue square", "n": 3, "size": "32x32", "response_format": "b64_json", "model": "toy-t2i", "user": "u-1",
-                     "seed": 12, "num_inference_steps": 30, "guidance_scale": 1})
-    assert (request.n, request.seed, request.seed_given, request.num_inference_steps, request.guidance_scale, request.model) == (3, 12, True, 30, 1.0, "toy-t2i")
+    request = parse(
+        {
+            "prompt": "a blue square",
+            "n": 3,
+            "size": "32x32",
+            "response_format": "b64_json",
+            "model": "toy-t2i",
+            "user": "u-1",
+            "seed": 12,
+            "num_inference_steps": 30,
+            "guidance_scale": 1,
+        }
+    )
+    assert (request.n, request.seed, request.seed_given, request.num_inference_steps, request.guidance_scale, request.model) == (
+        3,
+        12,
+        True,
+        30,
+        1.0,
+        "toy-t2i",
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,7 +87,7 @@ def test_every_field_is_read():
         ({"prompt": "ok", "guidance_scale": "high"}, "guidance_scale", "must be a number"),
         ({"prompt": "ok", "size": "512x512"}, "size", "'32x32' (what this model makes)"),
         ({"prompt": "ok", "size": 32}, "size", "must be one of '32x32'"),
-        ({"prompt": "ok", "response_format": "url"}, "response_format", "must be \"b64_json\""),
+        ({"prompt": "ok", "response_format": "url"}, "response_format", 'must be "b64_json"'),
         ({"prompt": "ok", "model": "dall-e-3"}, "model", "'toy-t2i+lora', 'toy-t2i'"),
         ({"prompt": "ok", "seed": -1}, "seed", f"between 0 and {MAX_SEED}"),
         ({"prompt": "ok", "seed": 2**32}, "seed", f"between 0 and {MAX_SEED}"),
@@ -147,7 +173,9 @@ def test_png_bytes_depend_only_on_pixels():
 def test_response_is_openai_shaped_with_seeds():
     request = parse({"prompt": "ok", "n": 2, "seed": 40})
     pngs = [encode_png(np.full((32, 32, 3), v, dtype=np.uint8)) for v in (10, 200)]
-    response = generation_response(created=1700000000, model="toy-t2i", adapter_version=None, request=request, pngs=pngs)
+    response = generation_response(created=1700000000, model="toy-t2i", adapter_version=None, request=request, eta=0.5, pngs=pngs)
     assert response["created"] == 1700000000 and response["size"] == "32x32"
     assert [item["seed"] for item in response["data"]] == [40, 41]
     assert [base64.b64decode(item["b64_json"]) for item in response["data"]] == pngs
+    # What made the images is part of the answer: the request's steps and guidance, the server's eta.
+    assert response["sampling"] == {"num_inference_steps": 7, "guidance_scale": 3.0, "eta": 0.5}

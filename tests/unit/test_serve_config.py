@@ -2,7 +2,13 @@
 
 import pytest
 
-from jobs.serve import application_config, config_from_args, deployment_options, model_id
+from jobs.serve.app import (
+    application_config,
+    config_from_args,
+    deployment_options,
+    model_id,
+    page_html,
+)
 from orchestrator.config import ServeConfig, load_config
 
 
@@ -31,7 +37,11 @@ def test_bad_values_name_the_field(data, words):
 
 
 def test_fixed_replicas_map_to_serve_options():
-    options = deployment_options(load_config({"lora": "runs/r1", "scaling": {"num_replicas": 3, "num_cpus_per_replica": 2, "max_ongoing_requests": 40}}, cls=ServeConfig))
+    options = deployment_options(
+        load_config(
+            {"lora": "runs/r1", "scaling": {"num_replicas": 3, "num_cpus_per_replica": 2, "max_ongoing_requests": 40}}, cls=ServeConfig
+        )
+    )
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert options["max_ongoing_requests"] == 40 and options["user_config"] == {"lora": "runs/r1"}
@@ -55,7 +65,9 @@ def test_adapter_lives_only_in_user_config_so_a_swap_keeps_the_code_version():
     cfg = load_config({"lora": "runs/r1"}, cls=ServeConfig)
     first, second = application_config(cfg, lora="runs/r1/a"), application_config(cfg, lora="runs/r2/b")
     assert first["args"] == second["args"] and first["args"]["lora"] is None
-    assert first["import_path"] == "jobs.serve:app" and second["deployments"] == [{"name": "ImageServer", "user_config": {"lora": "runs/r2/b"}}]
+    assert first["import_path"] == "jobs.serve:app" and second["deployments"] == [
+        {"name": "ImageServer", "user_config": {"lora": "runs/r2/b"}}
+    ]
     assert "runtime_env" not in first
     assert application_config(cfg, lora=None, api_key="k")["runtime_env"] == {"env_vars": {"RAYALIGN_API_KEY": "k"}}
 
@@ -64,3 +76,8 @@ def test_model_ids():
     assert model_id(ServeConfig()) == "toy-t2i"
     assert model_id(ServeConfig(model="/models/sd-1.5/")) == "sd-1.5"
     assert model_id(ServeConfig(model="/models/sd-1.5", model_name="house-style")) == "house-style"
+
+
+def test_the_web_page_ships_with_the_package():
+    page = page_html()
+    assert "<title>rayalign</title>" in page and "/v1/images/generations" in page

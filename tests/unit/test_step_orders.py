@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actors.learner import step_orders
+from actors.workers.learner import step_orders
 from orchestrator.config import Config, from_dict
 
 
@@ -35,13 +35,16 @@ def test_config_rejects_an_unknown_timestep_selection():
 
 
 def test_timesteps_per_pass_zero_stacks_all_trained_steps_whatever_their_number():
-    from actors.learner import deepspeed_config
-    from orchestrator.config import load_preset, steps_per_pass
+    from actors.rl.schedules import steps_per_pass
+    from actors.workers.learner import deepspeed_config
+    from orchestrator.config import load_preset
 
     for num_steps in (4, 10, 20):
         cfg = load_preset("toy-ddpo", [f"sampling.num_steps={num_steps}"])  # a fixed N would have to divide each
         trained = round(num_steps * cfg.train.timestep_fraction)
         assert steps_per_pass(cfg.learner, trained) == trained
-        assert deepspeed_config(cfg.learner, train_timesteps=trained)["gradient_accumulation_steps"] == cfg.learner.gradient_accumulation_steps
+        assert (
+            deepspeed_config(cfg.learner, train_timesteps=trained)["gradient_accumulation_steps"] == cfg.learner.gradient_accumulation_steps
+        )
     with pytest.raises(ValueError, match="learner.timesteps_per_pass must divide the 6 denoising steps"):
         load_preset("toy-ddpo", ["learner.timesteps_per_pass=4"])

@@ -38,10 +38,26 @@ def test_auth_errors_say_what_to_set():
     assert "rejected the auth token" in wrong and "~/.ray/auth_token" in wrong
 
 
+def test_object_store_outputs_are_taken_as_they_are():
+    args = ["--", "train", "--preset", "toy-ddpo", "--output-dir", "s3://team-bucket/runs/r1"]
+    assert shlex.split(job_entrypoint(args))[-1] == "s3://team-bucket/runs/r1"
+    eval_args = ["--", "eval", "--prompts", "toy-heldout", "--reward", "toy_fidelity", "--output", "gs://b/eval/r1.json"]
+    assert shlex.split(job_entrypoint(eval_args))[-1] == "gs://b/eval/r1.json"
+
+
 def test_entrypoint_is_the_rayalign_command_line():
     args = ["--", "train", "--preset", "toy-ddpo", "--set", "train.epochs=2", "--output-dir", "/runs/my run"]
     entrypoint = job_entrypoint(args)
-    assert shlex.split(entrypoint) == ["rayalign", "train", "--preset", "toy-ddpo", "--set", "train.epochs=2", "--output-dir", "/runs/my run"]
+    assert shlex.split(entrypoint) == [
+        "rayalign",
+        "train",
+        "--preset",
+        "toy-ddpo",
+        "--set",
+        "train.epochs=2",
+        "--output-dir",
+        "/runs/my run",
+    ]
 
 
 @pytest.mark.parametrize(

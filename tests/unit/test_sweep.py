@@ -1,6 +1,7 @@
 """Sweep config, search space, trial placement and the results table, without Ray."""
 
 import csv
+import io
 import json
 
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import pytest
 from jobs.sweep import (
     base_config,
     check_search_space,
+    finished_trial_metrics,
     load_sweep,
     num_trials,
     pick_best,
@@ -17,14 +19,18 @@ from jobs.sweep import (
     trial_config,
     trial_demands,
     trial_row,
+    trial_run_dirs,
     write_results,
 )
-from orchestrator import checkpoint as ckpt
-from orchestrator.config import SweepConfig, dump_yaml, load_config, load_preset
+from orchestrator import rundir
+from orchestrator.config import SweepConfig, config_to_yaml, dump_yaml, load_config, load_preset, parse_yaml
+from orchestrator.rundir import RunDir
 
 
 def sweep_of(**fields):
-    return load_config({"preset": "toy-ddpo", "search_space": {"learner.learning_rate": {"grid": [1.0e-4, 1.0e-3]}}, **fields}, cls=SweepConfig)
+    return load_config(
+        {"preset": "toy-ddpo", "search_space": {"learner.learning_rate": {"grid": [1.0e-4, 1.0e-3]}}, **fields}, cls=SweepConfig
+    )
 
 
 @pytest.mark.parametrize(
@@ -52,16 +58,22 @@ def test_sweep_config_errors_name_the_field(fields, message):
 def test_swept_fields_must_exist_and_take_the_values(tmp_path):
     base = load_preset("toy-ddpo")
     check_search_space(sweep_of(search_space={"train.clip_range": {"choice": [1.0e-4, 1.0e-2]}}), base)
-    with pytest.raises(ValueError, match=r"search_space.train.clip_rnage: .*unknown config key 'train.clip_rnage' \(did you mean 'clip_range'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"search_space.train.clip_rnage: .*unknown config key 'train.clip_rnage' \(did you mean 'clip_range'\?\)"
+    ):
         check_search_space(sweep_of(search_space={"train.clip_rnage": {"grid": [0.1]}}), base)
-    with pytest.raises(ValueError, match="search_space.train.timestep_fraction: uniform value 1.5 .*timestep_fraction must be > 0 and <= 1"):
+    with pytest.raises(
+        ValueError, match="search_space.train.timestep_fraction: uniform value 1.5 .*timestep_fraction must be > 0 and <= 1"
+    ):
         check_search_space(sweep_of(search_space={"train.timestep_fraction": {"uniform": [0.5, 1.5]}}), base)
 
 
 def test_trial_config_sets_the_drawn_values():
     import numpy as np
 
-    cfg = trial_config(load_preset("toy-dpok"), {"learner.learning_rate": np.float64(1e-3), "train.beta": 0.1, "train.inner_epochs": np.int64(2)})
+    cfg = trial_config(
+        load_preset("toy-dpok"), {"learner.learning_rate": np.float64(1e-3), "train.beta": 0.1, "train.inner_epochs": np.int64(2)}
+    )
     assert cfg.learner.learning_rate == 1e-3 and cfg.train.beta == 0.1 and cfg.train.inner_epochs == 2
     assert cfg.train.algorithm == "dpok"  # the rest is the base
 
@@ -90,47 +102,58 @@ def test_trial_concurrency_counts_every_pool_and_the_driver():
 
 
 def write_run(run_dir, rewards, *, params, checkpoint_epoch=None):
-    run_dir.mkdir(parents=True)
     (run_dir / "params.json").write_text(json.dumps(params))
-    dump_yaml(load_preset("toy-ddpo"), run_dir / "config.yaml")
+    (run_dir / "config.yaml").write_text(config_to_yaml(load_preset("toy-ddpo")))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "reward/mean": r}) + "\n" for i, r in enumerate(rewards)))
     if checkpoint_epoch is not None:
-        root = run_dir / "checkpoints"
-        ckpt.prepare_staging(root, checkpoint_epoch)
-        ckpt.commit(root, checkpoint_epoch, keep=2)
+        run = RunDir(run_dir)
+        rundir.commit_checkpoint(run, rundir.begin_checkpoint(run, checkpoint_epoch), keep=2)
 
 
-def test_results_table_and_best_trial(tmp_path):
-    trials = tmp_path / "trials"
+def test_results_table_and_best_trial(root):
+    trials = root / "trials"
     write_run(trials / "t0", [0.5, 0.6], params={"learner.learning_rate": 1e-4}, checkpoint_epoch=2)
     write_run(trials / "t1", [0.5, 0.7], params={"learner.learning_rate": 1e-3}, checkpoint_epoch=2)
     write_run(trials / "t2", [0.8], params={"learner.learning_rate": 1e-2}, checkpoint_epoch=1)  # stopped early by ASHA
+    assert [run.name for run in trial_run_dirs(root)] == ["t0", "t1", "t2"]
     rows = [trial_row(trials / name, metric="reward/mean", mode="max", epochs=2) for name in ("t0", "t1", "t2")]
     assert [r.status for r in rows] == ["COMPLETED", "COMPLETED", "STOPPED"]
     # Unfinished in Tune's saved state: interrupted, even with every epoch's metrics written
     # (the sweep stopped before the last checkpoint was taken).
     assert trial_row(trials / "t0", metric="reward/mean", mode="max", epochs=2, interrupted=True).status == "INTERRUPTED"
     assert trial_row(trials / "t2", metric="reward/mean", mode="max", epochs=2, interrupted=True, error="boom").status == "ERROR"
-    assert rows[1].checkpoint.endswith("checkpoints/epoch_0002")
-    best = write_results(rows, tmp_path, metric="reward/mean", mode="max")
+    assert rows[1].checkpoint == (trials / "t1" / "checkpoints" / "epoch_0002").uri
+    best = write_results(rows, root, metric="reward/mean", mode="max")
     assert best.trial_id == "t2"  # the best metric at a trial's last epoch
     assert pick_best(rows, mode="min").trial_id == "t0"
-    with open(tmp_path / "results.csv") as handle:
-        table = list(csv.DictReader(handle))
+    table = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
     assert [row["trial_id"] for row in table] == ["t0", "t1", "t2"]
     assert [float(row["reward/mean"]) for row in table] == [0.6, 0.7, 0.8]
     assert float(table[1]["learner.learning_rate"]) == 1e-3
-    parquet = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    parquet = pq.read_table(io.BytesIO((root / "results.parquet").read_bytes())).to_pylist()
     assert [row["reward/mean"] for row in parquet] == [0.6, 0.7, 0.8] and parquet[0]["epochs"] == 2
-    assert load_config(tmp_path / "best_config.yaml") == load_preset("toy-ddpo")
-    assert (tmp_path / "best_checkpoint.txt").read_text().strip() == rows[2].checkpoint
+    assert load_config(parse_yaml((root / "best_config.yaml").read_text())) == load_preset("toy-ddpo")
+    assert (root / "best_checkpoint.txt").read_text().strip() == rows[2].checkpoint
 
 
-def test_interrupted_trial_without_checkpoint_is_moved_aside_not_deleted(tmp_path):
-    run = tmp_path / "trials" / "t0"
+def test_interrupted_trial_without_checkpoint_is_moved_aside_not_deleted(root):
+    run = root / "trials" / "t0"
     assert prepare_trial_dir(run) is False  # nothing there yet
     write_run(run, [0.5], params={})
     assert prepare_trial_dir(run) is False
-    assert not run.exists() and (tmp_path / "trials" / "t0.incomplete-1" / "metrics.jsonl").is_file()
+    assert not run.exists() and (root / "trials" / "t0.incomplete-1" / "metrics.jsonl").is_file()
+    assert trial_run_dirs(root) == []
     write_run(run, [0.5, 0.6], params={}, checkpoint_epoch=2)
     assert prepare_trial_dir(run) is True and (run / "metrics.jsonl").is_file()
+
+
+def test_a_trial_stopped_after_its_last_checkpoint_reports_its_recorded_metrics_on_resume(root):
+    # Ctrl-C after the last checkpoint but before Tune took the report: --resume runs the trial
+    # again, and it must hand Tune the final metrics instead of finishing with none.
+    run = root / "trials" / "t0"
+    write_run(run, [0.5, 0.6], params={}, checkpoint_epoch=2)
+    assert finished_trial_metrics(run, epochs=2) == {"epoch": 2, "reward/mean": 0.6}
+    assert finished_trial_metrics(run, epochs=3) is None  # more to train
+    stopped = root / "trials" / "t1"
+    write_run(stopped, [0.5, 0.6], params={}, checkpoint_epoch=1)
+    assert finished_trial_metrics(stopped, epochs=2) is None  # the last epoch's checkpoint was not complete

@@ -1,4 +1,4 @@
-"""Tests for actors/toy_world.py: caption grammar, train/held-out split, rendering, verifier."""
+"""Tests for actors/toy/world.py: caption grammar, train/held-out split, rendering, verifier."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from actors import toy_world
-from actors.toy_world import ToyPrompt
+from actors.toy import world as toy_world
+from actors.toy.world import ToyPrompt
 
 # --------------------------------------------------------------------------------------
 # Caption grammar

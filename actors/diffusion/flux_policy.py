@@ -1,0 +1,652 @@
+"""The FLUX.1 policy: a FLUX.1-dev or -schnell pipeline as a stochastic policy over Flow-GRPO SDE steps.
+
+It has :class:`actors.diffusion.flow_policy.FlowPolicy`'s public interface (loading, LoRA,
+``sample``, ``log_prob``, ``replay``), so rollout, reference and learner workers can hold it
+too. What differs from SD3:
+
+- the denoiser is a ``FluxTransformer2DModel``: double-stream (MMDiT) blocks followed by
+  single-stream blocks, with rotary positions instead of a learned position table. It reads
+  the 16-channel latents as a sequence of 2 x 2 patches (64 features a token) and gets each
+  token's (row, column) alongside; it predicts the velocity ``v = noise - x0`` in the same
+  packed form. The policy packs latents right before the call and unpacks the velocity right
+  after, so :class:`actors.diffusion.trajectory.Trajectories` records them unpacked,
+  ``(batch, steps + 1, C, H, W)`` like every other policy's.
+- the sigma schedule is the FLUX pipeline's: ``linspace(1, 1 / n, n)`` shifted by the
+  scheduler's static ``shift`` or, when its config says ``use_dynamic_shifting`` (FLUX.1-dev),
+  by a shift ``mu`` that grows linearly with the number of image tokens (:func:`flux_sigmas`:
+  the resolution-dependent shifting of Esser et al. 2024, with FLUX's own formula). The
+  transformer takes the sigma itself as its timestep (it scales by 1000 inside).
+- there is no classifier-free guidance. FLUX.1-dev is guidance-distilled: the guidance scale
+  is an input of the transformer (``guidance``), one call per step whatever its value;
+  FLUX.1-schnell has no guidance input and ignores the scale. The empty caption's
+  embeddings are still recorded (``negative_prompt_embeds``), so the trajectories have the
+  fields the workers pass around, but nothing reads them.
+- the conditioning (:meth:`FluxPolicy.encode_prompts`) is the T5 encoder's tokens, which the
+  transformer attends to, and the CLIP encoder's pooled output, which joins its time embedding.
+
+Each step is :func:`actors.diffusion.flow.flow_sde_step_with_log_prob` with ``eta`` as
+Flow-GRPO's noise level ``a`` (Liu et al. 2025, arXiv 2505.05470).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+from actors.diffusion import ddim, flow
+from actors.diffusion.adapted import AdaptedPolicy
+from actors.diffusion.devices import load_settings
+from actors.diffusion.families import PromptEmbeddings
+from actors.diffusion.files import FLUX, Family, check_pipeline_dir, detect_family, vae_scale_factor
+from actors.diffusion.lora import write_lora
+from actors.diffusion.trajectory import Trajectories
+from actors.storage import fetch
+
+logger = logging.getLogger(__name__)
+
+FLUX_LORA_TARGETS: tuple[str, ...] = (
+    # double-stream blocks: image-stream and text-stream ("add_") attention projections, both outputs
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    # double-stream blocks: feed-forward of the image stream and of the text stream
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    # single-stream blocks: q/k/v are the names above; the MLP's input and the joint attention + MLP output
+    "proj_mlp",
+    "proj_out",
+)
+"""LoRA targets for ``FluxTransformer2DModel``: every linear layer of both block types' attention and
+feed-forward parts. Short names match by suffix."""
+
+NEVER_ADAPTED = "proj_out"
+"""A regular expression (full match on the module's path) for layers no LoRA is put on: the transformer's
+final output projection, which shares its name with the single-stream blocks' ``proj_out``."""
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+"""T5 tokens per caption, ``FluxPipeline``'s default (FLUX.1-schnell's model card uses 256)."""
+MAX_SEQUENCE_LENGTH = 512
+"""The longest caption ``FluxPipeline`` accepts, in T5 tokens: the length FLUX.1 was trained with."""
+DEFAULT_GUIDANCE_SCALE = 3.5
+"""FLUX.1-dev's distilled guidance in ``FluxPipeline``; a model without guidance embeddings ignores it."""
+
+_UNSUPPORTED_SCHEDULER_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+
+
+# ---------------------------------------------------------------------- pure functions
+
+
+def check_scheduler_config(config) -> None:
+    """Refuse scheduler settings :func:`flux_sigmas` does not reproduce (FLUX.1's own configs use none of them)."""
+    used = [name for name in _UNSUPPORTED_SCHEDULER_OPTIONS if config.get(name)]
+    if used:
+        raise ValueError(
+            f"the scheduler config sets {', '.join(used)}, which FluxPolicy's sigma schedule does not implement; it supports "
+            "FLUX.1's FlowMatchEulerDiscreteScheduler configs (a static shift, or use_dynamic_shifting with base/max shift): "
+            "unset them in scheduler/scheduler_config.json"
+        )
+    if config.get("use_dynamic_shifting", False) and config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise ValueError(f"unknown scheduler time_shift_type {config.get('time_shift_type')!r}; expected 'exponential' or 'linear'")
+
+
+def dynamic_shift(image_seq_len: int, *, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """FLUX's resolution-dependent shift mu: ``base_shift`` at ``base_seq_len`` image tokens, ``max_shift`` at
+    ``max_seq_len``, on the straight line through both (so extrapolated outside them)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux_sigmas(num_steps: int, *, image_seq_len: int, scheduler_config) -> torch.Tensor:
+    """The descending sigmas ``FluxPipeline`` samples with, for images of ``image_seq_len`` packed tokens.
+
+    Returns ``num_steps + 1`` float32 values from 1 down to a final 0; step ``i`` goes from
+    ``sigmas[i]`` to ``sigmas[i + 1]``. The pipeline hands the scheduler the unshifted
+    ``s = linspace(1, 1 / num_steps, num_steps)``, which shifts them (``scheduler_config``, a dict
+    or diffusers config):
+
+    - ``use_dynamic_shifting`` (FLUX.1-dev): with ``mu`` from :func:`dynamic_shift`,
+      ``e^mu / (e^mu + 1 / s - 1)`` (``time_shift_type`` "exponential", the default) or
+      ``mu / (mu + 1 / s - 1)`` ("linear");
+    - otherwise the static ``shift * s / (1 + (shift - 1) * s)`` (FLUX.1-schnell: shift 1, none).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be >= 1 packed image token, got {image_seq_len}")
+    check_scheduler_config(scheduler_config)
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if scheduler_config.get("use_dynamic_shifting", False):
+        mu = dynamic_shift(
+            image_seq_len,
+            base_seq_len=scheduler_config.get("base_image_seq_len", 256),
+            max_seq_len=scheduler_config.get("max_image_seq_len", 4096),
+            base_shift=scheduler_config.get("base_shift", 0.5),
+            max_shift=scheduler_config.get("max_shift", 1.15),
+        )
+        scale = math.exp(mu) if scheduler_config.get("time_shift_type", "exponential") == "exponential" else mu
+        sigmas = scale / (scale + (1 / s - 1))
+    else:
+        shift = float(scheduler_config.get("shift", 1.0))
+        sigmas = shift * s / (1 + (shift - 1) * s)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(batch, C, H, W) latents -> (batch, H/2 * W/2, C * 4) tokens, one per 2 x 2 patch, rows first.
+
+    A token's features are its channels, each followed by its patch's four pixels (top-left,
+    top-right, bottom-left, bottom-right): the order FLUX's transformer was trained on.
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents to pack must be (batch, C, H, W), got shape {tuple(latents.shape)}")
+    batch, channels, height, width = latents.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"FLUX packs latents into 2 x 2 patches, so their height and width must be even, got {height} x {width}")
+    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2)
+    # (batch, patch row, patch column, channel, pixel row, pixel column)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`: (batch, H/2 * W/2, C * 4) -> (batch, C, H, W)."""
+    if tokens.ndim != 3:
+        raise ValueError(f"packed latents must be (batch, tokens, features), got shape {tuple(tokens.shape)}")
+    batch, count, features = tokens.shape
+    if height % 2 or width % 2 or count != (height // 2) * (width // 2) or features % 4:
+        raise ValueError(
+            f"{count} tokens of {features} features are not the 2 x 2 patches of {height} x {width} latents "
+            f"(expected {(height // 2) * (width // 2)} tokens of 4 * channels features)"
+        )
+    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, features // 4, height, width)
+
+
+def image_positions(rows: int, columns: int) -> torch.Tensor:
+    """Each packed token's position ids for FLUX's rotary embedding: (0, row, column), rows first. (rows * columns, 3)."""
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([torch.zeros(rows * columns, 1, dtype=grid.dtype), grid], dim=1)
+
+
+# ---------------------------------------------------------------------- the policy
+
+
+class FluxPolicy(AdaptedPolicy):
+    """A FLUX.1 text-to-image model with SDE sampling and log-prob recomputation.
+
+    Build with :meth:`from_pretrained`. ``transformer`` (also ``unet``) is the only trained module.
+    """
+
+    KEY_PREFIX = "transformer."
+    FOREIGN_PREFIX = "unet."
+    NETWORK = "FLUX transformer"
+    FOREIGN_NETWORK = "a UNet"
+    TIMESTEP_DTYPE = torch.float32  # recorded sigmas
+
+    def __init__(
+        self,
+        *,
+        transformer,
+        vae,
+        text_encoders: Sequence,
+        tokenizers: Sequence,
+        scheduler,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_size: int,
+        vae_scale_factor: int,
+        family: Family = FLUX,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        lora_config=None,
+    ):
+        check_scheduler_config(scheduler.config)
+        if image_size % (2 * vae_scale_factor):
+            raise ValueError(
+                f"image_size {image_size} must be a multiple of {2 * vae_scale_factor}: the VAE shrinks images "
+                f"{vae_scale_factor}x and FLUX packs the latents into 2 x 2 patches"
+            )
+        self.transformer = transformer
+        self.vae = vae
+        """None on a ``unet_only`` policy (learners, reference actors)."""
+        self.text_encoders = tuple(text_encoders)
+        """The CLIP encoder and the T5 encoder; empty on a ``unet_only`` policy."""
+        self.tokenizers = tuple(tokenizers)
+        self.scheduler = scheduler
+        self.family = family
+        self.image_size = image_size
+        """Side of the square images in pixels."""
+        self.vae_scale_factor = vae_scale_factor
+        self.max_sequence_length = max_sequence_length
+        self.device = device
+        self.dtype = dtype
+        self.lora_config = lora_config
+        self.version = 0
+        """Incremented by every weight update, so trajectories can say which weights made them."""
+        self._negative_embeds: PromptEmbeddings | None = None
+        self._premerge_weights: dict[str, torch.Tensor] | None = None
+        """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
+
+    @property
+    def unet(self):
+        """The transformer, under the name the workers give the trained network (they also replace it, e.g. by a DeepSpeed engine)."""
+        return self.transformer
+
+    @unet.setter
+    def unet(self, module) -> None:
+        self.transformer = module
+
+    @property
+    def text_encoder(self):
+        """The CLIP text encoder; None on a ``unet_only`` policy."""
+        return self.text_encoders[0] if self.text_encoders else None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the unpacked latents of one image."""
+        side = self.image_size // self.vae_scale_factor
+        return self.transformer.config.in_channels // 4, side, side
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: Sequence[str] | None = None,
+        lora_dropout: float = 0.0,
+        dtype: str = "float32",
+        device: str = "auto",
+        lora_path: str | os.PathLike | None = None,
+        unet_only: bool = False,
+        gradient_checkpointing: bool = False,
+        unet_path: str | os.PathLike | None = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        image_size: int | None = None,
+    ) -> "FluxPolicy":
+        """Load a FLUX.1 pipeline directory (local or a URI); attach a fresh LoRA or one from ``lora_path``.
+
+        The arguments mean what they mean for ``FlowPolicy.from_pretrained``: ``unet_only`` loads
+        the transformer alone and ``unet_path`` replaces the pipeline's transformer with a diffusers
+        ``FluxTransformer2DModel`` folder. ``max_sequence_length`` is the number of T5 tokens per
+        caption. ``image_size`` (pixels, square) defaults to the VAE's ``sample_size``: 1024 for FLUX.1.
+        ``lora_target_modules`` None adapts :data:`FLUX_LORA_TARGETS`.
+        """
+        path = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
+        family = detect_family(path)
+        if family is not FLUX:
+            policy_class = "FlowPolicy" if family.flow_matching else "DiffusionPolicy"
+            raise ValueError(
+                f"model path {str(path)!r} holds a {family.name} pipeline: load it with {policy_class}; "
+                "FluxPolicy runs FLUX.1 pipelines (flux: FluxPipeline)"
+            )
+        torch_dtype, torch_device, common = load_settings(dtype=dtype, finetune=finetune, device=device)
+        if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} T5 tokens (FLUX.1's training length), "
+                f"got {max_sequence_length}; FluxPipeline uses 512"
+            )
+        vae_config = json.loads((Path(path) / "vae" / "config.json").read_text())  # a learner reads it without loading the VAE
+        if unet_path is not None:
+            transformer = FluxTransformer2DModel.from_pretrained(fetch(unet_path, "models", keep_parent=True), **common)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder=family.denoiser, **common)
+        check_latent_channels(transformer.config, vae_config)
+        vae, text_encoders, tokenizers = None, [], []
+        if not unet_only:
+            vae_dtype = torch.float32 if torch_dtype == torch.float16 and vae_config.get("force_upcast") else torch_dtype
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
+            (clip_tok, clip), (t5_tok, t5) = family.text_encoders
+            text_encoders = [
+                CLIPTextModel.from_pretrained(path, subfolder=clip, **common),
+                T5EncoderModel.from_pretrained(path, subfolder=t5, **common),
+            ]
+            # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
+            tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=clip_tok), AutoTokenizer.from_pretrained(path, subfolder=t5_tok)]
+            check_conditioning(transformer.config, text_encoders)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        for module in (transformer, vae, *text_encoders):
+            if module is not None:
+                module.requires_grad_(False)
+                module.to(torch_device).eval()
+        policy = cls(
+            transformer=transformer,
+            vae=vae,
+            text_encoders=text_encoders,
+            tokenizers=tokenizers,
+            scheduler=scheduler,
+            device=torch_device,
+            dtype=torch_dtype,
+            image_size=image_size if image_size is not None else int(vae_config["sample_size"]),
+            vae_scale_factor=vae_scale_factor(path),
+            family=family,
+            max_sequence_length=max_sequence_length,
+        )
+        if lora_path is not None:
+            policy.load_lora(lora_path)
+        elif finetune == "lora":
+            policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
+        else:
+            transformer.requires_grad_(True)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return policy
+
+    def add_lora(self, *, rank: int, alpha: float, target_modules: Sequence[str] | None = None, dropout: float = 0.0) -> None:
+        """Attach a LoRA adapter to the transformer's attention and feed-forward layers; only it is trainable.
+
+        ``target_modules`` None means :data:`FLUX_LORA_TARGETS` (what ``model.lora.target_modules: null``
+        asks for). The final output projection is never adapted (:data:`NEVER_ADAPTED`).
+        """
+        if target_modules is None:
+            target_modules = FLUX_LORA_TARGETS
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(target_modules),
+            exclude_modules=NEVER_ADAPTED,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+        )
+        try:
+            self.transformer.add_adapter(config)
+        except ValueError as error:
+            raise ValueError(
+                f"could not attach LoRA to target modules {list(target_modules)}: {error}; "
+                f"FLUX's adaptable layers are e.g. {', '.join(FLUX_LORA_TARGETS)}"
+            ) from error
+        # Half-precision master weights lose small updates; trainable weights stay fp32.
+        for param in self.transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        self.lora_config = config
+
+    # ------------------------------------------------------------------ LoRA persistence
+    def _require_lora(self, what: str) -> None:
+        if self.lora_config is None:
+            raise ValueError(f"this policy has no LoRA adapter (finetune: full), so it cannot {what}; save the transformer instead")
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter weights under peft's keys relative to the transformer (``transformer_blocks.0.attn.to_q.lora_A.weight``).
+
+        This is the layout diffusers' FLUX LoRA files use, minus their ``transformer.`` prefix;
+        it is what a weight sync ships.
+        """
+        self._require_lora("export adapter weights")
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_lora(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Write the adapter as ``FluxPipeline.load_lora_weights(directory)`` reads it, plus peft's config.
+
+        FLUX adapter files have the SD3 layout (``transformer.`` + peft's keys, the adapter's
+        config in the file's metadata so diffusers applies the same scale), which
+        :func:`actors.diffusion.lora.write_lora` writes for any "transformer" denoiser;
+        ``adapter_config.json`` is what :meth:`load_lora` reads back. ``state_dict`` (peft's or
+        diffusers' key names) replaces the policy's own weights, e.g. a learner's gathered ones.
+        """
+        self._require_lora("save an adapter")
+        weights = self.lora_state_dict() if state_dict is None else state_dict
+        return write_lora(directory, weights, self.lora_config, denoiser=self.family.denoiser)
+
+    # ------------------------------------------------------------------ text and pixels
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """FLUX's conditioning: embeds (batch, t5_tokens, t5_dim), the T5 encoder's last hidden states;
+        pooled (batch, clip_dim), the CLIP encoder's pooled output (no projection). Float32."""
+        self._require_decoders("encode prompts")
+        prompts = list(prompts)
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
+        ids = clip_tokenizer(
+            prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output.float()
+        ids = t5_tokenizer(
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        tokens = t5(ids.to(self.device), output_hidden_states=False)[0].float()
+        return PromptEmbeddings(embeds=tokens, pooled=pooled)
+
+    def negative_embeds(self) -> PromptEmbeddings:
+        """The empty caption, computed once: embeds (tokens, dim), pooled (dim,).
+
+        FLUX samples without classifier-free guidance, so nothing conditions on it; it is
+        recorded in the trajectories only because the workers expect the field.
+        """
+        if self._negative_embeds is None:
+            empty = self.encode_prompts([""])
+            self._negative_embeds = PromptEmbeddings(embeds=empty.embeds[0], pooled=empty.pooled[0])
+        return self._negative_embeds
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents x_0 -> images. (batch, H, W, 3) uint8.
+
+        ``latents`` are unpacked (batch, C, H, W), as the trajectories hold them, or packed
+        (batch, tokens, C * 4) for this policy's image size. FLUX's VAE latents are normalised as
+        ``(z - shift_factor) * scaling_factor``; this undoes both.
+        """
+        self._require_decoders("decode latents")
+        if latents.ndim == 3:
+            _, side, _ = self.latent_shape
+            latents = unpack_latents(latents, side, side)
+        shift = self.vae.config.get("shift_factor") or 0.0
+        scaled = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor + shift
+        pixels = self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ the policy
+    def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, condition: PromptEmbeddings, guidance_scale: float) -> torch.Tensor:
+        """One transformer call on unpacked (batch, C, H, W) latents; the velocity, unpacked, in float32.
+
+        The frozen weights' dtype goes in, as in ``FluxPipeline`` (which also casts the position
+        ids to it); the timestep is the sigma itself, the guidance the scale itself: the
+        transformer multiplies both by 1000.
+        """
+        if condition.pooled is None:
+            raise ValueError("a FLUX policy needs pooled prompt embeddings; these trajectories were recorded without them")
+        batch, _, height, width = latents.shape
+        text_positions = torch.zeros(condition.embeds.shape[1], 3)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
+        output = self.transformer(
+            hidden_states=pack_latents(latents.to(self.device)).to(self.dtype),
+            timestep=sigmas.to(self.device, torch.float32),
+            guidance=guidance,
+            pooled_projections=condition.pooled.to(self.device, self.dtype),
+            encoder_hidden_states=condition.embeds.to(self.device, self.dtype),
+            txt_ids=text_positions.to(self.device, self.dtype),
+            img_ids=image_positions(height // 2, width // 2).to(self.device, self.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(output.float(), height, width)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        num_steps: int = 28,
+        eta: float = 0.7,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        reduction: ddim.Reduction = "mean",
+        decode: bool = True,
+        sde_window: tuple[int, int] | None = None,
+    ) -> tuple[Trajectories, np.ndarray | None]:
+        """Sample one image per prompt with the Flow-GRPO SDE, recording its stochastic steps.
+
+        ``eta`` is the SDE noise level ``a`` (Flow-GRPO uses 0.7); ``guidance_scale`` is
+        FLUX.1-dev's distilled guidance, ignored by a model without guidance embeddings. Each
+        sample's initial latent and per-step noise come from its own seed (the initial latent is
+        the one ``FluxPipeline`` draws from ``torch.Generator().manual_seed(seed)``), so an image
+        depends only on (weights, prompt, seed, settings), never on its batch companions. Returns
+        (trajectories, images (batch, H, W, 3) uint8); the trajectories hold unpacked latents
+        (batch, steps + 1, C, H, W) and sigmas as ``timesteps``/``prev_timesteps``.
+
+        ``sde_window = (start, stop)`` takes the SDE step only on steps ``start <= i < stop`` and
+        the deterministic Euler ODE step on the others, as ``FlowPolicy.sample`` does: only the
+        window is recorded (from ``Trajectories.first_step``), and step i's noise is the seed's
+        i-th draw whatever the window. None = every step.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if eta <= 0:
+            raise ValueError(f"eta (the SDE noise level) must be > 0 for trajectories to have log-probabilities, got {eta}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (FLUX.1-dev uses 3.5), got {guidance_scale}")
+        stochastic = flow.sde_window(num_steps, sde_window)  # (steps,) bool; raises on a bad window
+        start, stop = (0, num_steps) if sde_window is None else (int(sde_window[0]), int(sde_window[1]))
+        batch = len(prompts)
+        shape = self.latent_shape
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        image_seq_len = (shape[1] // 2) * (shape[2] // 2)
+        sigmas = flux_sigmas(num_steps, image_seq_len=image_seq_len, scheduler_config=self.scheduler.config)  # (steps + 1,)
+        condition = self.encode_prompts(prompts)
+        negative = self.negative_embeds()
+
+        all_latents = []  # the latent before each recorded step, then the one after the last
+        log_probs = []
+        for i in range(num_steps):
+            if i == start:
+                all_latents.append(latents)
+            sigma = sigmas[i].expand(batch).to(self.device)
+            sigma_next = sigmas[i + 1].expand(batch).to(self.device)
+            velocity = self._velocity(latents, sigma, condition, guidance_scale)
+            if i < stop:
+                # drawn on the ODE steps before the window too: step i's noise is the seed's i-th draw whatever the window
+                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+            if not stochastic[i]:
+                latents = flow.flow_ode_step(velocity=velocity, sample=latents, sigmas=sigma, sigmas_next=sigma_next)
+                continue
+            step = flow.flow_sde_step_with_log_prob(
+                velocity=velocity,
+                sample=latents,
+                sigmas=sigma,
+                sigmas_next=sigma_next,
+                noise_level=eta,
+                noise=noise,
+                reduction=reduction,
+            )
+            latents = step.prev_sample
+            all_latents.append(latents)
+            log_probs.append(step.log_prob)
+
+        trajectories = Trajectories(
+            prompts=list(prompts),
+            latents=torch.stack(all_latents, dim=1).cpu().numpy(),  # (batch, window + 1, C, H, W), unpacked
+            timesteps=sigmas[start:stop].numpy(),  # (window,) float32 sigmas, descending
+            prev_timesteps=sigmas[start + 1 : stop + 1].numpy(),  # (window,) float32, ending at 0 if the window does
+            log_probs=torch.stack(log_probs, dim=1).cpu().numpy(),  # (batch, window)
+            prompt_embeds=condition.embeds.cpu().numpy(),
+            negative_prompt_embeds=negative.embeds.cpu().numpy(),
+            pooled_prompt_embeds=condition.pooled.cpu().numpy(),
+            negative_pooled_prompt_embeds=negative.pooled.cpu().numpy(),
+            seeds=np.asarray(seeds, dtype=np.int64),
+            guidance_scale=float(guidance_scale),
+            eta=float(eta),
+            num_inference_steps=num_steps,
+            policy_version=self.version,
+            first_step=start,
+        )
+        images = self.decode(latents) if decode else None
+        return trajectories, images
+
+    def log_prob(
+        self,
+        *,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prev_timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        eta: float,
+        reduction: ddim.Reduction = "mean",
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> ddim.StepOutput:
+        """Recompute log p_theta(x_{sigma_next} | x_sigma, c) for given transitions under the current weights.
+
+        ``latents``/``next_latents`` are unpacked (batch, C, H, W), ``timesteps``/``prev_timesteps``
+        the steps' sigmas and next sigmas, (batch,) float (what :meth:`sample` records). The
+        pooled embeddings are required; the negative ones are accepted for the workers' common
+        call and ignored (FLUX has no CFG). Differentiable in the trainable weights.
+        """
+        if self.lora_merged and torch.is_grad_enabled():
+            raise RuntimeError(
+                "this policy's LoRA adapter is merged into the base weights (a sampling-only state), so no "
+                "gradient would reach it; call unmerge_lora() before computing log-probs to train on"
+            )
+        for name, value in (("timesteps", timesteps), ("prev_timesteps", prev_timesteps)):
+            if not torch.is_floating_point(value):
+                raise ValueError(
+                    f"FluxPolicy.log_prob takes sigmas in [0, 1] as {name}, got a {value.dtype} tensor: these transitions "
+                    "look like a DDIM policy's (integer timesteps); score them with DiffusionPolicy"
+                )
+        if latents.ndim != 4:
+            raise ValueError(
+                f"FluxPolicy.log_prob takes unpacked latents (batch, C, H, W), as sample() records them, got shape {tuple(latents.shape)}"
+            )
+        sigmas = timesteps.to(self.device, torch.float32)
+        pooled = None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(self.device)
+        condition = PromptEmbeddings(embeds=prompt_embeds.to(self.device), pooled=pooled)
+        latents = latents.to(self.device)
+        velocity = self._velocity(latents, sigmas, condition, guidance_scale)
+        return flow.flow_sde_step_with_log_prob(
+            velocity=velocity,
+            sample=latents,
+            sigmas=sigmas,
+            sigmas_next=prev_timesteps.to(self.device, torch.float32),
+            noise_level=eta,
+            prev_sample=next_latents.to(self.device),
+            reduction=reduction,
+        )
+
+
+def check_latent_channels(transformer_config, vae_config: dict) -> None:
+    """Fail at load when the transformer does not read 2 x 2 patches of the VAE's latents (e.g. FLUX.1 Fill's
+    image-conditioned transformer, whose input also carries a masked image)."""
+    expected = 4 * vae_config["latent_channels"]
+    if transformer_config.in_channels != expected:
+        raise ValueError(
+            f"the FLUX transformer reads {transformer_config.in_channels} features a token, but 2 x 2 patches of the VAE's "
+            f"{vae_config['latent_channels']}-channel latents have {expected}: this is not a FLUX.1 text-to-image transformer "
+            "(FLUX.1 Fill, Canny and Depth are image-conditioned); give a FLUX.1-dev or -schnell pipeline"
+        )
+
+
+def check_conditioning(transformer_config, text_encoders: Sequence) -> None:
+    """Fail at load, not at the first transformer call, when the FLUX transformer and its text encoders disagree."""
+    clip, t5 = text_encoders
+    token_width, pooled_width = transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim
+    problems = []
+    if t5.config.d_model != token_width:
+        problems.append(f"text_encoder_2 gives {t5.config.d_model}-wide tokens but the transformer expects {token_width}")
+    if clip.config.hidden_size != pooled_width:
+        problems.append(f"text_encoder gives {clip.config.hidden_size} pooled features but the transformer expects {pooled_width}")
+    if problems:
+        raise ValueError(f"the FLUX pipeline's parts come from different models: {'; '.join(problems)}")

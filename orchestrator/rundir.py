@@ -1,0 +1,354 @@
+"""The run directory: every file a training run writes, and atomic checkpoints.
+
+This module is the one place that spells the layout; everything else asks it::
+
+    RUN/
+        config.yaml            the effective config
+        metrics.jsonl          one JSON object per epoch
+        tensorboard/           the same metrics as TensorBoard events
+        images/epoch_0005.png  held-out prompts, fixed seeds
+        checkpoints/
+            epoch_0004/        a complete checkpoint (has COMPLETE, written last)
+                COMPLETE
+                state.json     counters, stat tracker (RNG streams derive from seed and epoch)
+                config.yaml    the effective config
+                lora/          the adapter (safetensors), loadable by `rayalign eval --lora`,
+                    sampling.json  and the sampler settings it was trained with
+                unet/          instead of lora/ for full fine-tuning
+                deepspeed/     DeepSpeed engine + optimizer state (every rank's partition)
+                replay.parquet, prefetched.parquet   the replay buffer; async mode's next epoch
+            epoch_0006/        a write in progress (or one that was killed): no COMPLETE, ignored
+            latest             name of the newest complete checkpoint
+
+``RUN`` is a local directory or an object-store URI (``s3://bucket/runs/r1``): every file
+goes through :class:`~actors.storage.Location`. Object stores cannot rename, so a checkpoint
+is made complete by a marker written last: rank 0 first clears ``epoch_N/`` (the marker
+first, so a re-written epoch is never complete while half new), then every learner rank
+writes its own DeepSpeed partition straight into it, rank 0 the rest, and only then the
+``COMPLETE`` marker and the ``latest`` pointer (each one object, written whole). A killed
+write leaves a checkpoint without its marker, which readers skip.
+
+The files a run appends to while it runs (metrics, TensorBoard events, image grids) are
+written in a local working directory (the run directory itself when it is local) and
+published to the run after every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from actors.diffusion.files import LORA_CONFIG_NAME
+from actors.storage import Location, cache_root, fetch
+from orchestrator.config import Config, SamplingConfig, load_config, parse_yaml
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+IMAGES_DIR = "images"
+CHECKPOINTS_DIR = "checkpoints"
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE_FILE = "state.json"
+LORA_DIR = "lora"
+UNET_DIR = "unet"
+DEEPSPEED_DIR = "deepspeed"
+REPLAY_FILE = "replay.parquet"
+"""The replay buffer in a checkpoint: every buffered sample with its arrays."""
+PREFETCHED_FILE = "prefetched.parquet"
+"""Async mode: the next epoch's samples, drawn with the older weights before the checkpoint."""
+SAMPLING_FILE = "sampling.json"
+"""Beside an adapter's weights: the sampler settings it was trained with."""
+
+
+class RunDir:
+    """The files of the training run at ``root`` (a local directory or an object-store URI)."""
+
+    def __init__(self, root: str | os.PathLike | Location):
+        self.root = Location(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.root.uri!r})"
+
+    @property
+    def config(self) -> Location:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Location:
+        return self.root / METRICS_FILE
+
+    @property
+    def checkpoints(self) -> Location:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def workdir(self) -> Path:
+        """Where this process writes the run's growing files before :meth:`publish`: the run
+        directory itself when it is local, else a directory in this node's cache."""
+        if self.root.local is not None:
+            return self.root.local
+        return cache_root() / "runs" / hashlib.sha256(self.root.uri.encode()).hexdigest()[:16]
+
+    def read_config(self) -> Config:
+        """The run's effective config (``config.yaml``)."""
+        return load_config(parse_yaml(self.config.read_text()))
+
+    def image_grid(self, epoch: int) -> str:
+        """The grid of held-out images of ``epoch``, relative to the run (write it under :attr:`workdir`)."""
+        return f"{IMAGES_DIR}/epoch_{epoch:04d}.png"
+
+    def publish(self, relative: str) -> None:
+        """Copy ``workdir/relative`` (a file or directory) to the run; nothing to do for a local run."""
+        if self.root.local is None and (self.workdir / relative).exists():
+            (self.root / relative).upload(self.workdir / relative)
+
+    def pull(self, relative: str) -> None:
+        """Copy the run's ``relative`` into :attr:`workdir` (resuming a remote run); nothing to do for a local run."""
+        if self.root.local is None and (self.root / relative).exists():
+            (self.root / relative).download(self.workdir / relative)
+
+    def holds_run(self) -> bool:
+        """Whether a run has written here (metrics or checkpoints)."""
+        return self.metrics.exists() or self.checkpoints.exists()
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None. Trusts ``latest`` only if it names a complete one."""
+        pointer = self.checkpoints / LATEST
+        if pointer.is_file():
+            candidate = Checkpoint(self.checkpoints / pointer.read_text().strip())
+            if candidate.is_complete():
+                return candidate
+            logger.warning("%s names %s, which is not a complete checkpoint; scanning", pointer, candidate.name)
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def complete_checkpoints(self) -> list[Checkpoint]:
+        """Every complete checkpoint, oldest first."""
+        found = [Checkpoint(self.checkpoints / name) for name in self.checkpoints.list() if name.startswith("epoch_")]
+        return [checkpoint for checkpoint in found if checkpoint.is_complete()]
+
+    def checkpoint(self, epoch: int) -> Checkpoint:
+        """Where the checkpoint of ``epoch`` is (or will be) written."""
+        return Checkpoint(self.checkpoints / checkpoint_name(epoch))
+
+
+class Checkpoint:
+    """The files of one checkpoint directory."""
+
+    def __init__(self, where: str | os.PathLike | Location):
+        self.location = Location(where)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.location.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Checkpoint) and other.location == self.location
+
+    @property
+    def name(self) -> str:
+        return self.location.name
+
+    @property
+    def state(self) -> Location:
+        return self.location / STATE_FILE
+
+    @property
+    def config(self) -> Location:
+        return self.location / CONFIG_FILE
+
+    @property
+    def lora(self) -> Location:
+        return self.location / LORA_DIR
+
+    @property
+    def unet(self) -> Location:
+        return self.location / UNET_DIR
+
+    @property
+    def deepspeed(self) -> Location:
+        return self.location / DEEPSPEED_DIR
+
+    @property
+    def replay(self) -> Location:
+        return self.location / REPLAY_FILE
+
+    @property
+    def prefetched(self) -> Location:
+        return self.location / PREFETCHED_FILE
+
+    def is_complete(self) -> bool:
+        return (self.location / COMPLETE).is_file()
+
+    def read_state(self) -> dict[str, Any]:
+        return json.loads(self.state.read_text())
+
+    def read_config(self) -> Config:
+        """The config the checkpoint was written with."""
+        return load_config(parse_yaml(self.config.read_text()))
+
+
+def locate_lora(path: str | os.PathLike) -> Location:
+    """The adapter a user points at: the adapter itself, a checkpoint (``.../epoch_0010``), or a
+    training run directory (its latest complete checkpoint), each a local path or a URI."""
+    where = Location(path)
+    if (where / LORA_CONFIG_NAME).is_file():
+        return where
+    if (where / LORA_DIR / LORA_CONFIG_NAME).is_file():
+        return where / LORA_DIR
+    run = RunDir(where)
+    if run.checkpoints.is_dir():
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is not None and (checkpoint.lora / LORA_CONFIG_NAME).is_file():
+            return checkpoint.lora
+        if checkpoint is not None and checkpoint.unet.is_dir():
+            raise ValueError(f"{path} fine-tuned the whole UNet, it has no LoRA adapter: give the run as --model (not --lora)")
+        raise ValueError(f"{path} is a training run without a complete LoRA checkpoint yet (look in {run.checkpoints})")
+    raise ValueError(f"{path} is not a LoRA adapter, checkpoint or run directory: no {LORA_CONFIG_NAME} in it or in {where / LORA_DIR}")
+
+
+def resolve_lora_dir(path: str | os.PathLike) -> Path:
+    """A local directory with the adapter :func:`locate_lora` finds (downloaded to this node's cache from a URI)."""
+    return fetch(locate_lora(path), "adapters", keep_parent=True)
+
+
+def resolve_model(path: str | os.PathLike | None) -> tuple[str | None, Location | None]:
+    """What a user may give as a model: a pipeline directory (returned as it is, None = the
+    embedded toy model), or a fully fine-tuned run or checkpoint, which becomes (the run's base
+    model, the checkpoint's ``unet/``)."""
+    if path is None:
+        return None, None
+    where = Location(path)
+    checkpoint = Checkpoint(where) if (where / COMPLETE).is_file() else None
+    if checkpoint is None and (where / CHECKPOINTS_DIR).is_dir():
+        checkpoint = RunDir(where).latest_checkpoint()
+        if checkpoint is None:
+            raise ValueError(f"{path} is a training run without a complete checkpoint yet (look in {where / CHECKPOINTS_DIR})")
+    if checkpoint is None:
+        return str(path), None
+    if not checkpoint.unet.is_dir():
+        raise ValueError(
+            f"{checkpoint.location} holds a LoRA adapter, not a fully fine-tuned UNet: give it as --lora, with --model its base model"
+        )
+    return checkpoint.read_config().model.path, checkpoint.unet
+
+
+# --------------------------------------------------------------------------- writing checkpoints
+
+
+INCOMPLETE_MARK = ".incomplete-"
+"""In the name of a run moved aside because it had no complete checkpoint: ``<run>.incomplete-N``."""
+
+
+def move_aside(run: RunDir) -> Location:
+    """Move a run without a complete checkpoint to the first free ``<run>.incomplete-N`` beside it; returns where."""
+    parent = Location(run.root.uri.rsplit("/", 1)[0])
+    for n in itertools.count(1):
+        aside = parent / f"{run.root.name}{INCOMPLETE_MARK}{n}"
+        if not aside.exists():
+            run.root.move_to(aside)
+            return aside
+    raise AssertionError("unreachable")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def begin_checkpoint(run: RunDir, epoch: int) -> Checkpoint:
+    """Rank 0, before any rank writes: an empty, incomplete ``epoch_N`` (what a killed or earlier write left is removed)."""
+    checkpoint = run.checkpoint(epoch)
+    (checkpoint.location / COMPLETE).delete()  # first: a half-replaced epoch must never read as complete
+    checkpoint.location.delete()
+    return checkpoint
+
+
+def commit_checkpoint(run: RunDir, checkpoint: Checkpoint, *, keep: int) -> None:
+    """Rank 0, after every rank wrote its part: mark it complete, point ``latest`` at it, keep the newest ``keep``."""
+    (checkpoint.location / COMPLETE).write_text(f"{checkpoint.name}\n")
+    (run.checkpoints / LATEST).write_text(checkpoint.name + "\n")
+    for old in run.complete_checkpoints()[:-keep]:
+        (old.location / COMPLETE).delete()
+        old.location.delete()
+
+
+# --------------------------------------------------------------------------- sampler settings of an adapter
+
+SAMPLER_FIELDS = ("num_steps", "eta", "guidance_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """How images are sampled: the settings an adapter's reward was measured with.
+
+    An adapter trained with 10 DDIM steps and no guidance scores its training reward
+    only when sampled that way; ``rayalign eval`` and ``serve`` use these settings unless
+    the user gives others.
+    """
+
+    num_steps: int
+    eta: float
+    guidance_scale: float
+
+    def describe(self) -> str:
+        return f"{self.num_steps} steps, eta {self.eta:g}, guidance {self.guidance_scale:g}"
+
+
+def write_sampling(adapter_dir: str | os.PathLike | Location, sampling: Any) -> None:
+    """Record ``sampling``'s sampler settings (a :class:`SamplingConfig`) beside an adapter."""
+    settings = {name: getattr(sampling, name) for name in SAMPLER_FIELDS}
+    (Location(adapter_dir) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def trained_sampling(adapter_dir: Path) -> tuple[SamplerSettings, Path] | None:
+    """The settings the adapter in ``adapter_dir`` was trained with, and the file they came from.
+
+    Read from ``sampling.json`` beside the weights, else (a checkpoint written before that
+    file existed) from the checkpoint's ``config.yaml``; None for an adapter with neither.
+
+    Raises:
+        ValueError: the file exists but cannot be read as those settings.
+    """
+    adapter_dir = Path(adapter_dir)
+    source = adapter_dir / SAMPLING_FILE
+    if source.is_file():
+        try:
+            data = json.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f'{source} is not readable JSON ({error}); delete it or write {{"num_steps": ..., "eta": ..., "guidance_scale": ...}}'
+            ) from None
+    else:
+        source = adapter_dir.parent / CONFIG_FILE
+        if adapter_dir.name != LORA_DIR or not source.is_file():
+            return None
+        try:
+            data = (yaml.safe_load(source.read_text()) or {}).get("sampling") or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
+            raise ValueError(f"{source} is not a readable run config ({error})") from None
+        defaults = SamplingConfig()  # every field is written out, but a hand-made config may leave some to their defaults
+        data = {name: data.get(name, getattr(defaults, name)) for name in SAMPLER_FIELDS}
+    return _settings_from(data, source), source
+
+
+def _settings_from(data: Any, source: Path) -> SamplerSettings:
+    if not isinstance(data, Mapping) or any(name not in data for name in SAMPLER_FIELDS):
+        raise ValueError(f"{source} must hold num_steps, eta and guidance_scale, got {data!r}")
+    try:
+        steps, eta, guidance = (data[name] for name in SAMPLER_FIELDS)
+        if isinstance(steps, bool) or int(steps) != steps:
+            raise TypeError(f"num_steps {steps!r} is not an integer")
+        return SamplerSettings(num_steps=int(steps), eta=float(eta), guidance_scale=float(guidance))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source} holds settings that are not numbers ({error})") from None

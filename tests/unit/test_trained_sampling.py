@@ -1,0 +1,75 @@
+"""An adapter carries the sampler settings it was trained with; eval and serve choose from them."""
+
+import json
+
+import pytest
+
+from jobs.sampling import choose_sampling, default_sampler
+from orchestrator.config import SamplingConfig, dump_yaml, load_config
+from orchestrator.rundir import (
+    SAMPLING_FILE,
+    SamplerSettings,
+    trained_sampling,
+    write_sampling,
+)
+
+
+def test_settings_are_written_beside_the_adapter_and_read_back(tmp_path):
+    write_sampling(tmp_path, SamplingConfig(num_steps=10, eta=0.7, guidance_scale=1.0))
+    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0}
+    settings, source = trained_sampling(tmp_path)
+    assert settings == SamplerSettings(num_steps=10, eta=0.7, guidance_scale=1.0) and source == tmp_path / SAMPLING_FILE
+
+
+def test_a_checkpoint_without_the_file_falls_back_to_its_config(tmp_path):
+    # Checkpoints written before sampling.json existed still hold the run's config.yaml.
+    adapter = tmp_path / "epoch_0004" / "lora"
+    adapter.mkdir(parents=True)
+    dump_yaml(load_config(overrides=["sampling.num_steps=12", "sampling.guidance_scale=2.5"]), tmp_path / "epoch_0004" / "config.yaml")
+    settings, source = trained_sampling(adapter)
+    assert settings == SamplerSettings(num_steps=12, eta=1.0, guidance_scale=2.5) and source.name == "config.yaml"
+
+
+def test_an_adapter_with_no_record_has_no_trained_settings(tmp_path):
+    (tmp_path / "lora").mkdir()
+    assert trained_sampling(tmp_path / "lora") is None  # no config.yaml beside it
+    assert trained_sampling(tmp_path) is None  # not in a checkpoint at all
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{broken", "is not readable JSON"),
+        ('{"num_steps": 10, "eta": 1.0}', "must hold num_steps, eta and guidance_scale"),
+        ('{"num_steps": 2.5, "eta": 1.0, "guidance_scale": 1.0}', "num_steps 2.5 is not an integer"),
+        ('{"num_steps": 10, "eta": "high", "guidance_scale": 1.0}', "not numbers"),
+    ],
+)
+def test_a_damaged_record_is_a_clear_error(tmp_path, text, words):
+    (tmp_path / SAMPLING_FILE).write_text(text)
+    with pytest.raises(ValueError) as caught:
+        trained_sampling(tmp_path)
+    assert words in str(caught.value) and str(tmp_path / SAMPLING_FILE) in str(caught.value)
+
+
+TRAINED = (SamplerSettings(num_steps=10, eta=1.0, guidance_scale=1.0), "run/checkpoints/epoch_0160/lora/sampling.json")
+
+
+def test_given_settings_win_then_training_then_the_defaults():
+    nothing = {"num_steps": None, "eta": None, "guidance_scale": None}
+    as_trained = choose_sampling(nothing, TRAINED)
+    assert as_trained.settings == TRAINED[0] and set(as_trained.sources.values()) == {"trained"} and not as_trained.differences
+    assert choose_sampling(nothing, None).settings == default_sampler() == SamplerSettings(num_steps=20, eta=1.0, guidance_scale=4.5)
+
+    mixed = choose_sampling({**nothing, "guidance_scale": 4.5}, TRAINED, names={"guidance_scale": "--guidance-scale"})
+    assert mixed.settings == SamplerSettings(num_steps=10, eta=1.0, guidance_scale=4.5)
+    assert mixed.sources == {"num_steps": "trained", "eta": "trained", "guidance_scale": "given"}
+    # One line per differing setting, naming both values and where the training one came from.
+    (line,) = mixed.differences
+    assert line.startswith("--guidance-scale 4.5 differs from the 1 the adapter was trained with") and TRAINED[1] in line
+
+
+def test_a_given_setting_equal_to_training_is_no_difference():
+    same = choose_sampling({"num_steps": 10, "eta": 1, "guidance_scale": None}, TRAINED)
+    assert same.differences == () and same.sources["num_steps"] == "given"
+    assert same.record()["trained"] == {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0}
