@@ -281,6 +281,7 @@ class Controller:
             timings={"time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/reference_s": reference_s},
             busy=busy,
             faults=faults,
+            rollout_calls=np.bincount([c["actor"] for c in calls], minlength=len(self.pools.rollout)).tolist(),
         )
 
     def next_batch(self, epoch: int, pending: Launched | None) -> EpochBatch:
@@ -459,6 +460,7 @@ class Controller:
                 timings=meta["timings"],
                 busy=meta["busy"],
                 faults=meta.get("faults", {}),
+                rollout_calls=meta.get("rollout_calls", []),
             )
 
     def close(self) -> None:

@@ -132,6 +132,8 @@ class EpochBatch:
     of the sampling phase ("critical") and seconds spent loading weights ("load")."""
     faults: dict[str, float] = dataclasses.field(default_factory=dict)
     """Pool actors restarted while sampling this batch and calls run again (``faults/*``)."""
+    rollout_calls: list[int] = dataclasses.field(default_factory=list)
+    """Sampling calls each rollout actor ran for this batch (the chunks it was dispatched)."""
 
     def entries(self) -> list[ReplayEntry]:
         rows = [(c, r) for c, size in enumerate(self.chunk_sizes) for r in range(size)]
@@ -160,6 +162,7 @@ class EpochBatch:
             "timings": self.timings,
             "busy": self.busy,
             "faults": self.faults,
+            "rollout_calls": self.rollout_calls,
         }
 
 
@@ -236,6 +239,7 @@ def epoch_metrics(
         "sync/load_s": batch.busy["load"],
         **{f"busy/{name}_s": batch.busy[name] for name in pools},
         **{f"busy/{key}_s": seconds for key, seconds in per_actor.items()},
+        **{f"calls/rollout/{a}": float(count) for a, count in enumerate(batch.rollout_calls)},
         "busy/learner_s": learn_s,
         **idle,
         "behaviour_version": batch.version,

@@ -105,45 +105,33 @@ def test_a_bucket_that_does_not_exist_fails_before_anything_starts(ray_cluster, 
         train(toy(1), "s3://no-such-bucket-rayalign/run", progress=False)
 
 
-def test_least_loaded_dispatch_keeps_a_slow_actor_from_holding_up_the_epoch(ray_cluster, tiny_pipeline_dir, tmp_path):
-    def seconds(name: str, **overrides) -> tuple[float, float, list]:
-        """Mean epoch and sampling-phase seconds after the warm-up epoch, and the metrics."""
+def test_least_loaded_dispatch_gives_a_slow_actor_fewer_chunks_and_round_robin_equal_ones(ray_cluster, tiny_pipeline_dir, tmp_path):
+    # The mechanism, not wall-clock ratios (those vary with the machine's load; `rayalign bench
+    # scaling` and docs/cluster.md measure the time): each of 16 chunks an epoch waits for a
+    # rollout actor with no unfinished call, so an actor 3x slower than the other three runs
+    # about a tenth of them instead of a quarter.
+    def calls(name: str, **overrides) -> list[list[float]]:
         cfg = tiny_config(
             tiny_pipeline_dir,
             **{
-                "train.epochs": 3,
+                "train.epochs": 2,
                 "train.samples_per_epoch": 64,
                 "train.timestep_fraction": 0.5,
-                "sampling.num_steps": 6,
                 "sampling.batch_size": 4,
                 "learner.micro_batch_size": 8,
                 "learner.gradient_accumulation_steps": 1,
-                "pools.rollout": "{num_actors: 4, num_cpus: 0.5}",
+                "pools.rollout": "{num_actors: 4, num_cpus: 0.5, slowdown: [3]}",
                 "pools.reference.num_actors": 0,
                 **overrides,
             },
         )
         train(cfg, tmp_path / name, progress=False)
-        metrics = read_metrics(tmp_path / name)[1:]  # epoch 1 is the warm-up
-        return float(np.mean([m["time/epoch_s"] for m in metrics])), float(np.mean([m["time/rollout_s"] for m in metrics])), metrics
+        return [[m[f"calls/rollout/{a}"] for a in range(4)] for m in read_metrics(tmp_path / name)]
 
-    fast, fast_sampling, _ = seconds("fast")
-    balanced, _, metrics = seconds("slow", **{"pools.rollout.slowdown": "[3]"})
-    fixed, fixed_sampling, fixed_metrics = seconds(
-        "slow-round-robin", **{"pools.rollout.slowdown": "[3]", "pools.rollout.dispatch": "round_robin"}
-    )
-    print(
-        f"epoch seconds: all fast {fast:.2f}, one 3x slower {balanced:.2f} (least loaded), {fixed:.2f} (round robin); "
-        f"sampling phase {fast_sampling:.2f} vs {fixed_sampling:.2f} (round robin)"
-    )
-    assert balanced <= 1.3 * fast, (fast, balanced)
-    # Round robin hands the slow actor a quarter of every epoch: the epoch waits for it.
-    assert fixed >= 1.4 * fast and fixed_sampling >= 2 * fast_sampling, (fast, fixed, fast_sampling, fixed_sampling)
-    # Round robin gives the slow actor as many chunks as the others, so it is busy about 3x as long;
-    # least-loaded dispatch gives it fewer (how many fewer depends on where the last chunks fall).
-    ratio = metrics[-1]["busy/rollout/0_s"] / metrics[-1]["busy/rollout/1_s"]
-    fixed_ratio = fixed_metrics[-1]["busy/rollout/0_s"] / fixed_metrics[-1]["busy/rollout/1_s"]
-    assert ratio < 2.0 < fixed_ratio, (ratio, fixed_ratio)
+    for per_actor in calls("round-robin", **{"pools.rollout.dispatch": "round_robin"}):
+        assert per_actor == [4, 4, 4, 4], per_actor  # equal shares: the epoch waits for the slow actor's 4
+    for slow, *fast in calls("least-loaded"):
+        assert slow + sum(fast) == 16 and slow < min(fast), (slow, fast)
 
 
 def test_a_sweep_writes_its_trials_and_results_to_object_storage_and_resumes_from_it(ray_cluster, s3, tmp_path, monkeypatch):

@@ -108,6 +108,7 @@ def batch(**fields) -> EpochBatch:
         advantage_info={},
         timings={"time/rollout_s": 2.0, "time/reward_s": 0.5, "time/reference_s": 0.0},
         busy={"rollout/0": 1.0, "rollout/1": 2.0, "rollout": 3.0, "reward": 1.0, "reference": 0.0, "load": 0.2, "critical": 2.5},
+        rollout_calls=[1, 1],
     )
     return EpochBatch(**{**base, **fields})
 
@@ -133,6 +134,7 @@ def test_the_metrics_row_holds_every_required_key_and_derived_figures():
     assert metrics["idle/rollout_frac"] == pytest.approx(0.7) and metrics["idle/reward_frac"] == pytest.approx(0.8)
     assert metrics["idle/learner_frac"] == pytest.approx(0.7)
     assert metrics["busy/rollout/1_s"] == 2.0 and metrics["idle/rollout/0_frac"] == pytest.approx(0.8)  # per rollout actor
+    assert metrics["calls/rollout/0"] == metrics["calls/rollout/1"] == 1.0
     assert "idle/reference_frac" not in metrics and "busy/reference_s" not in metrics  # no reference pool
     assert metrics["time/critical_path_s"] == pytest.approx(2.5 + 1.5 + 0.2)
     assert metrics["throughput/samples_per_s"] == pytest.approx(4 / 5.0)
