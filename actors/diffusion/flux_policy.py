@@ -40,17 +40,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-from actors.diffusion import ddim, flow
-from actors.diffusion.adapted import AdaptedPolicy
 from actors.diffusion.devices import load_settings
 from actors.diffusion.families import PromptEmbeddings
 from actors.diffusion.files import FLUX, Family, check_pipeline_dir, detect_family, vae_scale_factor
-from actors.diffusion.lora import write_lora
-from actors.diffusion.trajectory import Trajectories
+from actors.diffusion.flow_matching import FlowMatchingPolicy
 from actors.storage import fetch
 
 logger = logging.getLogger(__name__)
@@ -188,17 +183,16 @@ def image_positions(rows: int, columns: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- the policy
 
 
-class FluxPolicy(AdaptedPolicy):
+class FluxPolicy(FlowMatchingPolicy):
     """A FLUX.1 text-to-image model with SDE sampling and log-prob recomputation.
 
     Build with :meth:`from_pretrained`. ``transformer`` (also ``unet``) is the only trained module.
     """
 
-    KEY_PREFIX = "transformer."
-    FOREIGN_PREFIX = "unet."
     NETWORK = "FLUX transformer"
-    FOREIGN_NETWORK = "a UNet"
-    TIMESTEP_DTYPE = torch.float32  # recorded sigmas
+    LORA_TARGETS = FLUX_LORA_TARGETS
+    LORA_EXCLUDED = NEVER_ADAPTED
+    MODEL_NAME = "FLUX"
 
     def __init__(
         self,
@@ -222,46 +216,31 @@ class FluxPolicy(AdaptedPolicy):
                 f"image_size {image_size} must be a multiple of {2 * vae_scale_factor}: the VAE shrinks images "
                 f"{vae_scale_factor}x and FLUX packs the latents into 2 x 2 patches"
             )
-        self.transformer = transformer
-        self.vae = vae
-        """None on a ``unet_only`` policy (learners, reference actors)."""
-        self.text_encoders = tuple(text_encoders)
-        """The CLIP encoder and the T5 encoder; empty on a ``unet_only`` policy."""
-        self.tokenizers = tuple(tokenizers)
-        self.scheduler = scheduler
-        self.family = family
-        self.image_size = image_size
-        """Side of the square images in pixels."""
+        super().__init__(
+            transformer=transformer,
+            vae=vae,
+            text_encoders=text_encoders,  # the CLIP encoder and the T5 encoder
+            tokenizers=tokenizers,
+            scheduler=scheduler,
+            device=device,
+            dtype=dtype,
+            family=family,
+            image_size=image_size,
+            max_sequence_length=max_sequence_length,
+            lora_config=lora_config,
+        )
         self.vae_scale_factor = vae_scale_factor
-        self.max_sequence_length = max_sequence_length
-        self.device = device
-        self.dtype = dtype
-        self.lora_config = lora_config
-        self.version = 0
-        """Incremented by every weight update, so trajectories can say which weights made them."""
-        self._negative_embeds: PromptEmbeddings | None = None
-        self._premerge_weights: dict[str, torch.Tensor] | None = None
-        """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
-
-    @property
-    def unet(self):
-        """The transformer, under the name the workers give the trained network (they also replace it, e.g. by a DeepSpeed engine)."""
-        return self.transformer
-
-    @unet.setter
-    def unet(self, module) -> None:
-        self.transformer = module
-
-    @property
-    def text_encoder(self):
-        """The CLIP text encoder; None on a ``unet_only`` policy."""
-        return self.text_encoders[0] if self.text_encoders else None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the unpacked latents of one image."""
         side = self.image_size // self.vae_scale_factor
         return self.transformer.config.in_channels // 4, side, side
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """FLUX's schedule for this image size (:func:`flux_sigmas`)."""
+        _, height, width = self.latent_shape
+        return flux_sigmas(num_steps, image_seq_len=(height // 2) * (width // 2), scheduler_config=self.scheduler.config)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -280,7 +259,7 @@ class FluxPolicy(AdaptedPolicy):
         unet_only: bool = False,
         gradient_checkpointing: bool = False,
         unet_path: str | os.PathLike | None = None,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         image_size: int | None = None,
     ) -> "FluxPolicy":
         """Load a FLUX.1 pipeline directory (local or a URI); attach a fresh LoRA or one from ``lora_path``.
@@ -288,7 +267,8 @@ class FluxPolicy(AdaptedPolicy):
         The arguments mean what they mean for ``FlowPolicy.from_pretrained``: ``unet_only`` loads
         the transformer alone and ``unet_path`` replaces the pipeline's transformer with a diffusers
         ``FluxTransformer2DModel`` folder. ``max_sequence_length`` is the number of T5 tokens per
-        caption. ``image_size`` (pixels, square) defaults to the VAE's ``sample_size``: 1024 for FLUX.1.
+        caption (None: 512, or the T5 tokenizer's ``model_max_length`` where that is shorter).
+        ``image_size`` (pixels, square) defaults to the VAE's ``sample_size``: 1024 for FLUX.1.
         ``lora_target_modules`` None adapts :data:`FLUX_LORA_TARGETS`.
         """
         path = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
@@ -300,7 +280,7 @@ class FluxPolicy(AdaptedPolicy):
                 "FluxPolicy runs FLUX.1 pipelines (flux: FluxPipeline)"
             )
         torch_dtype, torch_device, common = load_settings(dtype=dtype, finetune=finetune, device=device)
-        if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(
                 f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} T5 tokens (FLUX.1's training length), "
                 f"got {max_sequence_length}; FluxPipeline uses 512"
@@ -323,6 +303,9 @@ class FluxPolicy(AdaptedPolicy):
             # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
             tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=clip_tok), AutoTokenizer.from_pretrained(path, subfolder=t5_tok)]
             check_conditioning(transformer.config, text_encoders)
+        if max_sequence_length is None:
+            t5_length = tokenizers[1].model_max_length if tokenizers else DEFAULT_MAX_SEQUENCE_LENGTH
+            max_sequence_length = min(DEFAULT_MAX_SEQUENCE_LENGTH, t5_length)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         for module in (transformer, vae, *text_encoders):
             if module is not None:
@@ -351,62 +334,6 @@ class FluxPolicy(AdaptedPolicy):
             transformer.enable_gradient_checkpointing()
         return policy
 
-    def add_lora(self, *, rank: int, alpha: float, target_modules: Sequence[str] | None = None, dropout: float = 0.0) -> None:
-        """Attach a LoRA adapter to the transformer's attention and feed-forward layers; only it is trainable.
-
-        ``target_modules`` None means :data:`FLUX_LORA_TARGETS` (what ``model.lora.target_modules: null``
-        asks for). The final output projection is never adapted (:data:`NEVER_ADAPTED`).
-        """
-        if target_modules is None:
-            target_modules = FLUX_LORA_TARGETS
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=list(target_modules),
-            exclude_modules=NEVER_ADAPTED,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",
-        )
-        try:
-            self.transformer.add_adapter(config)
-        except ValueError as error:
-            raise ValueError(
-                f"could not attach LoRA to target modules {list(target_modules)}: {error}; "
-                f"FLUX's adaptable layers are e.g. {', '.join(FLUX_LORA_TARGETS)}"
-            ) from error
-        # Half-precision master weights lose small updates; trainable weights stay fp32.
-        for param in self.transformer.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-        self.lora_config = config
-
-    # ------------------------------------------------------------------ LoRA persistence
-    def _require_lora(self, what: str) -> None:
-        if self.lora_config is None:
-            raise ValueError(f"this policy has no LoRA adapter (finetune: full), so it cannot {what}; save the transformer instead")
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter weights under peft's keys relative to the transformer (``transformer_blocks.0.attn.to_q.lora_A.weight``).
-
-        This is the layout diffusers' FLUX LoRA files use, minus their ``transformer.`` prefix;
-        it is what a weight sync ships.
-        """
-        self._require_lora("export adapter weights")
-        return get_peft_model_state_dict(self.transformer)
-
-    def save_lora(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
-        """Write the adapter as ``FluxPipeline.load_lora_weights(directory)`` reads it, plus peft's config.
-
-        FLUX adapter files have the SD3 layout (``transformer.`` + peft's keys, the adapter's
-        config in the file's metadata so diffusers applies the same scale), which
-        :func:`actors.diffusion.lora.write_lora` writes for any "transformer" denoiser;
-        ``adapter_config.json`` is what :meth:`load_lora` reads back. ``state_dict`` (peft's or
-        diffusers' key names) replaces the policy's own weights, e.g. a learner's gathered ones.
-        """
-        self._require_lora("save an adapter")
-        weights = self.lora_state_dict() if state_dict is None else state_dict
-        return write_lora(directory, weights, self.lora_config, denoiser=self.family.denoiser)
-
     # ------------------------------------------------------------------ text and pixels
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
@@ -425,33 +352,13 @@ class FluxPolicy(AdaptedPolicy):
         tokens = t5(ids.to(self.device), output_hidden_states=False)[0].float()
         return PromptEmbeddings(embeds=tokens, pooled=pooled)
 
-    def negative_embeds(self) -> PromptEmbeddings:
-        """The empty caption, computed once: embeds (tokens, dim), pooled (dim,).
-
-        FLUX samples without classifier-free guidance, so nothing conditions on it; it is
-        recorded in the trajectories only because the workers expect the field.
-        """
-        if self._negative_embeds is None:
-            empty = self.encode_prompts([""])
-            self._negative_embeds = PromptEmbeddings(embeds=empty.embeds[0], pooled=empty.pooled[0])
-        return self._negative_embeds
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents x_0 -> images. (batch, H, W, 3) uint8.
-
-        ``latents`` are unpacked (batch, C, H, W), as the trajectories hold them, or packed
-        (batch, tokens, C * 4) for this policy's image size. FLUX's VAE latents are normalised as
-        ``(z - shift_factor) * scaling_factor``; this undoes both.
-        """
-        self._require_decoders("decode latents")
+        """Latents x_0 -> images (batch, H, W, 3) uint8; ``latents`` unpacked (batch, C, H, W), as the
+        trajectories hold them, or packed (batch, tokens, C * 4) for this policy's image size."""
         if latents.ndim == 3:
             _, side, _ = self.latent_shape
             latents = unpack_latents(latents, side, side)
-        shift = self.vae.config.get("shift_factor") or 0.0
-        scaled = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor + shift
-        pixels = self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
-        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return super().decode(latents)
 
     # ------------------------------------------------------------------ the policy
     def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, condition: PromptEmbeddings, guidance_scale: float) -> torch.Tensor:
@@ -480,151 +387,25 @@ class FluxPolicy(AdaptedPolicy):
         )[0]
         return unpack_latents(output.float(), height, width)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[str],
-        *,
-        seeds: Sequence[int],
-        num_steps: int = 28,
-        eta: float = 0.7,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        reduction: ddim.Reduction = "mean",
-        decode: bool = True,
-        sde_window: tuple[int, int] | None = None,
-    ) -> tuple[Trajectories, np.ndarray | None]:
-        """Sample one image per prompt with the Flow-GRPO SDE, recording its stochastic steps.
+    def step_velocity(
+        self, latents: torch.Tensor, sigmas: torch.Tensor, condition: PromptEmbeddings, negative: PromptEmbeddings, guidance_scale: float
+    ) -> torch.Tensor:
+        """One transformer call whatever the guidance: FLUX has no classifier-free guidance, so
+        ``negative`` (the empty caption, recorded only because the workers pass it around) is unused."""
+        return self._velocity(latents, sigmas, condition, guidance_scale)
 
-        ``eta`` is the SDE noise level ``a`` (Flow-GRPO uses 0.7); ``guidance_scale`` is
-        FLUX.1-dev's distilled guidance, ignored by a model without guidance embeddings. Each
-        sample's initial latent and per-step noise come from its own seed (the initial latent is
-        the one ``FluxPipeline`` draws from ``torch.Generator().manual_seed(seed)``), so an image
-        depends only on (weights, prompt, seed, settings), never on its batch companions. Returns
-        (trajectories, images (batch, H, W, 3) uint8); the trajectories hold unpacked latents
-        (batch, steps + 1, C, H, W) and sigmas as ``timesteps``/``prev_timesteps``.
-
-        ``sde_window = (start, stop)`` takes the SDE step only on steps ``start <= i < stop`` and
-        the deterministic Euler ODE step on the others, as ``FlowPolicy.sample`` does: only the
-        window is recorded (from ``Trajectories.first_step``), and step i's noise is the seed's
-        i-th draw whatever the window. None = every step.
-        """
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if eta <= 0:
-            raise ValueError(f"eta (the SDE noise level) must be > 0 for trajectories to have log-probabilities, got {eta}")
+    def _check_guidance(self, guidance_scale: float) -> None:
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (FLUX.1-dev uses 3.5), got {guidance_scale}")
-        stochastic = flow.sde_window(num_steps, sde_window)  # (steps,) bool; raises on a bad window
-        start, stop = (0, num_steps) if sde_window is None else (int(sde_window[0]), int(sde_window[1]))
-        batch = len(prompts)
-        shape = self.latent_shape
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        image_seq_len = (shape[1] // 2) * (shape[2] // 2)
-        sigmas = flux_sigmas(num_steps, image_seq_len=image_seq_len, scheduler_config=self.scheduler.config)  # (steps + 1,)
-        condition = self.encode_prompts(prompts)
-        negative = self.negative_embeds()
 
-        all_latents = []  # the latent before each recorded step, then the one after the last
-        log_probs = []
-        for i in range(num_steps):
-            if i == start:
-                all_latents.append(latents)
-            sigma = sigmas[i].expand(batch).to(self.device)
-            sigma_next = sigmas[i + 1].expand(batch).to(self.device)
-            velocity = self._velocity(latents, sigma, condition, guidance_scale)
-            if i < stop:
-                # drawn on the ODE steps before the window too: step i's noise is the seed's i-th draw whatever the window
-                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-            if not stochastic[i]:
-                latents = flow.flow_ode_step(velocity=velocity, sample=latents, sigmas=sigma, sigmas_next=sigma_next)
-                continue
-            step = flow.flow_sde_step_with_log_prob(
-                velocity=velocity,
-                sample=latents,
-                sigmas=sigma,
-                sigmas_next=sigma_next,
-                noise_level=eta,
-                noise=noise,
-                reduction=reduction,
-            )
-            latents = step.prev_sample
-            all_latents.append(latents)
-            log_probs.append(step.log_prob)
+    def sample(self, prompts: Sequence[str], *, num_steps: int = 28, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, **kwargs):
+        """:meth:`FlowMatchingPolicy.sample` with FLUX's defaults (28 steps, distilled guidance 3.5).
 
-        trajectories = Trajectories(
-            prompts=list(prompts),
-            latents=torch.stack(all_latents, dim=1).cpu().numpy(),  # (batch, window + 1, C, H, W), unpacked
-            timesteps=sigmas[start:stop].numpy(),  # (window,) float32 sigmas, descending
-            prev_timesteps=sigmas[start + 1 : stop + 1].numpy(),  # (window,) float32, ending at 0 if the window does
-            log_probs=torch.stack(log_probs, dim=1).cpu().numpy(),  # (batch, window)
-            prompt_embeds=condition.embeds.cpu().numpy(),
-            negative_prompt_embeds=negative.embeds.cpu().numpy(),
-            pooled_prompt_embeds=condition.pooled.cpu().numpy(),
-            negative_pooled_prompt_embeds=negative.pooled.cpu().numpy(),
-            seeds=np.asarray(seeds, dtype=np.int64),
-            guidance_scale=float(guidance_scale),
-            eta=float(eta),
-            num_inference_steps=num_steps,
-            policy_version=self.version,
-            first_step=start,
-        )
-        images = self.decode(latents) if decode else None
-        return trajectories, images
-
-    def log_prob(
-        self,
-        *,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prev_timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        eta: float,
-        reduction: ddim.Reduction = "mean",
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    ) -> ddim.StepOutput:
-        """Recompute log p_theta(x_{sigma_next} | x_sigma, c) for given transitions under the current weights.
-
-        ``latents``/``next_latents`` are unpacked (batch, C, H, W), ``timesteps``/``prev_timesteps``
-        the steps' sigmas and next sigmas, (batch,) float (what :meth:`sample` records). The
-        pooled embeddings are required; the negative ones are accepted for the workers' common
-        call and ignored (FLUX has no CFG). Differentiable in the trainable weights.
+        ``guidance_scale`` is FLUX.1-dev's distilled guidance, ignored by a model without
+        guidance embeddings; the initial latent is the one ``FluxPipeline`` draws from
+        ``torch.Generator().manual_seed(seed)``. The trajectories hold unpacked latents.
         """
-        if self.lora_merged and torch.is_grad_enabled():
-            raise RuntimeError(
-                "this policy's LoRA adapter is merged into the base weights (a sampling-only state), so no "
-                "gradient would reach it; call unmerge_lora() before computing log-probs to train on"
-            )
-        for name, value in (("timesteps", timesteps), ("prev_timesteps", prev_timesteps)):
-            if not torch.is_floating_point(value):
-                raise ValueError(
-                    f"FluxPolicy.log_prob takes sigmas in [0, 1] as {name}, got a {value.dtype} tensor: these transitions "
-                    "look like a DDIM policy's (integer timesteps); score them with DiffusionPolicy"
-                )
-        if latents.ndim != 4:
-            raise ValueError(
-                f"FluxPolicy.log_prob takes unpacked latents (batch, C, H, W), as sample() records them, got shape {tuple(latents.shape)}"
-            )
-        sigmas = timesteps.to(self.device, torch.float32)
-        pooled = None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(self.device)
-        condition = PromptEmbeddings(embeds=prompt_embeds.to(self.device), pooled=pooled)
-        latents = latents.to(self.device)
-        velocity = self._velocity(latents, sigmas, condition, guidance_scale)
-        return flow.flow_sde_step_with_log_prob(
-            velocity=velocity,
-            sample=latents,
-            sigmas=sigmas,
-            sigmas_next=prev_timesteps.to(self.device, torch.float32),
-            noise_level=eta,
-            prev_sample=next_latents.to(self.device),
-            reduction=reduction,
-        )
+        return super().sample(prompts, num_steps=num_steps, guidance_scale=guidance_scale, **kwargs)
 
 
 def check_latent_channels(transformer_config, vae_config: dict) -> None:

@@ -79,6 +79,9 @@ def write_lora(directory: str | os.PathLike, state_dict, lora_config, *, denoise
     if isinstance(config.get("target_modules"), (set, list)):
         config["target_modules"] = sorted(config["target_modules"])
     metadata = json.loads(json.dumps(config, default=str))  # plain JSON values, as diffusers stores them in the file
+    # diffusers adapts exactly the layers the file has weights for; an exclusion (FLUX's final
+    # proj_out) would exclude nothing there, and peft warns about that on every load
+    metadata.pop("exclude_modules", None)
     if denoiser == "unet":
         StableDiffusionPipeline.save_lora_weights(
             directory, unet_lora_layers=tensors, weight_name=LORA_WEIGHTS_NAME, unet_lora_adapter_metadata=metadata

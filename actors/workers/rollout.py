@@ -34,10 +34,10 @@ class RolloutWorker:
         if sampling.sde_window is not None and not self.policy.SAMPLES_SDE_WINDOW:
             raise ValueError(
                 f"sampling.sde_window is set, but model.path holds a {self.policy.family.name} model, whose sampler "
-                f"({type(self.policy).__name__}) records every step; the window is implemented for sd3 models only: set "
+                f"({type(self.policy).__name__}) records every step; the window is for flow-matching models (sd3, flux): set "
                 "sampling.sde_window: null"
             )
-        # only SD3's flow policy takes the argument; without it every step is sampled and recorded, as before windows existed
+        # only the flow policies take the argument; without it every step is sampled and recorded, as before windows existed
         self._window = {} if sampling.sde_window is None else {"sde_window": tuple(sampling.sde_window)}
         if self.policy.lora_config is not None and sampling.merge_lora:
             self.policy.merge_lora()  # stays merged across weight loads; a no-op for half precision

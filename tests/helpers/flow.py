@@ -1,7 +1,9 @@
 """What the flow-model tests share: tiny-model settings, moving an adapter off its init, one recorded step as log_prob's arguments."""
 
 import torch
+from diffusers import FluxPipeline
 
+from actors.diffusion.flux_policy import pack_latents
 from actors.diffusion.trajectory import Trajectories
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle in the center"]
@@ -31,4 +33,27 @@ def step_inputs(trajectories: Trajectories, step: int = 0) -> dict:
         negative_pooled_prompt_embeds=torch.from_numpy(trajectories.negative_pooled_prompt_embeds),
         guidance_scale=trajectories.guidance_scale,
         eta=trajectories.eta,
+    )
+
+
+def transformer_inputs(family: str, trajectories: Trajectories, step: int, sigma: float) -> dict:
+    """The diffusers transformer's keyword arguments for a recorded step of an ``"sd3"`` or ``"flux"``
+    policy, as the family's pipeline passes them (FLUX: packed latents, position ids, guidance 3.5)."""
+    latents = torch.from_numpy(trajectories.latents[:, step])
+    rows = latents.shape[0]
+    common = dict(
+        pooled_projections=torch.from_numpy(trajectories.pooled_prompt_embeds),
+        encoder_hidden_states=torch.from_numpy(trajectories.prompt_embeds),
+        return_dict=False,
+    )
+    if family == "sd3":
+        return dict(hidden_states=latents, timestep=torch.full((rows,), sigma * 1000), **common)
+    side = latents.shape[-1] // 2
+    return dict(
+        hidden_states=pack_latents(latents),
+        timestep=torch.full((rows,), sigma),
+        guidance=torch.full((rows,), 3.5),
+        txt_ids=torch.zeros(trajectories.prompt_embeds.shape[1], 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(rows, side, side, "cpu", torch.float32),
+        **common,
     )

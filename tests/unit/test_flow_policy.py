@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from actors.diffusion import flow
 from actors.diffusion.files import LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, SD3, check_pipeline_dir, detect_family
-from actors.diffusion.flow_policy import FlowPolicy, load_flow_policy
+from actors.diffusion.flow_policy import FlowPolicy
 from actors.diffusion.generator import ImageGenerator, ImageJob
 from actors.diffusion.lora import unet_lora_state_dict
+from actors.diffusion.policy import load_policy
 from actors.rl.losses import ddpo_is_loss
 from actors.toy.sd3 import build_random_sd3_pipeline
 from orchestrator.config import LoRAConfig, ModelConfig
@@ -373,13 +374,11 @@ def test_float16_on_cuda_keeps_the_ratio_exact(sd3_dir):
     np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
 
 
-def test_load_flow_policy_builds_learner_and_reference_copies_from_a_model_config(sd3_dir):
+def test_load_policy_builds_flow_learner_and_reference_copies_from_a_model_config(sd3_dir):
     model = ModelConfig(path=str(sd3_dir), device="cpu", lora=LoRAConfig(rank=2, alpha=4.0, target_modules=("to_q", "add_q_proj")))
-    learner = load_flow_policy(model, unet_only=True)
-    assert learner.lora_config.r == 2 and learner.vae is None
+    learner = load_policy(model, unet_only=True)
+    assert isinstance(learner, FlowPolicy) and learner.lora_config.r == 2 and learner.vae is None
     trainable = [name for name, p in learner.transformer.named_parameters() if p.requires_grad]
     assert trainable and all(".to_q.lora_" in name or ".add_q_proj.lora_" in name for name in trainable)
-    reference = load_flow_policy(model, trainable=False, unet_only=True)
+    reference = load_policy(model, trainable=False, unet_only=True)
     assert reference.lora_config is None and not reference.trainable_parameters()
-    with pytest.raises(ValueError, match="model.path must name an SD3 pipeline"):
-        load_flow_policy(ModelConfig(device="cpu"))

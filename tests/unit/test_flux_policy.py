@@ -28,10 +28,9 @@ from actors.diffusion.flux_policy import (
 )
 from actors.diffusion.lora import unet_lora_state_dict
 from actors.diffusion.policy import pretrained_policy
-from actors.diffusion.trajectory import Trajectories
 from actors.rl.losses import ddpo_is_loss
 from actors.toy.flux import build_random_flux_pipeline
-from tests.helpers.flow import PROMPTS, T5_TOKENS, perturb, step_inputs
+from tests.helpers.flow import PROMPTS, T5_TOKENS, perturb, step_inputs, transformer_inputs
 
 SIZE = 32
 """The tiny pipeline's images are 32 x 32 pixels: 8 x 8 latents, 16 packed tokens."""
@@ -63,22 +62,6 @@ def _pipeline(path) -> FluxPipeline:
     pipe = FluxPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _transformer_inputs(trajectories: Trajectories, step: int, sigma: float) -> dict:
-    """The FLUX transformer's keyword arguments for a recorded step, packed as ``FluxPipeline`` packs them."""
-    latents = torch.from_numpy(trajectories.latents[:, step])
-    rows = latents.shape[0]
-    return dict(
-        hidden_states=pack_latents(latents),
-        timestep=torch.full((rows,), sigma),
-        guidance=torch.full((rows,), 3.5),
-        pooled_projections=torch.from_numpy(trajectories.pooled_prompt_embeds),
-        encoder_hidden_states=torch.from_numpy(trajectories.prompt_embeds),
-        txt_ids=torch.zeros(T5_TOKENS, 3),
-        img_ids=FluxPipeline._prepare_latent_image_ids(rows, 4, 4, "cpu", torch.float32),
-        return_dict=False,
-    )
 
 
 # ---------------------------------------------------------------------- the directory
@@ -374,7 +357,7 @@ def test_saved_lora_round_trips_and_loads_into_the_diffusers_pipeline(rollout, f
     assert np.abs(adapted - plain).max() > 1e-3
     # diffusers applies the adapter at our scale (alpha / rank = 2, read from the file's metadata),
     # on the same layers: its transformer and ours give the same velocity.
-    inputs = _transformer_inputs(original, step=1, sigma=0.5)
+    inputs = transformer_inputs("flux", original, step=1, sigma=0.5)
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**inputs)[0], rollout.transformer(**inputs)[0], rtol=1e-5, atol=1e-5)
 
@@ -389,7 +372,7 @@ def test_a_learner_written_adapter_loads_into_the_diffusers_pipeline_and_back(ro
     pipe = _pipeline(flux_dir)
     pipe.load_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME)
     trajectories, _ = rollout.sample(PROMPTS[:2], seeds=[1, 2], num_steps=2, decode=False)
-    inputs = _transformer_inputs(trajectories, step=1, sigma=0.3)
+    inputs = transformer_inputs("flux", trajectories, step=1, sigma=0.3)
     with torch.no_grad():
         ours = rollout.transformer(**inputs)[0]
         torch.testing.assert_close(restored.transformer(**inputs)[0], ours, rtol=1e-5, atol=1e-5)

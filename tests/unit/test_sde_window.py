@@ -134,10 +134,10 @@ def test_the_window_sets_the_steps_the_learner_trains_among():
 
 
 def test_a_ddim_model_refuses_a_window_at_the_driver_and_in_the_rollout_actor(tiny_pipeline_dir):
-    with pytest.raises(ValueError, match="sde_window is set, but model.path is the embedded toy model.*set sampling.sde_window: null"):
+    with pytest.raises(ValueError, match="sde_window is set, but model.path is the embedded toy UNet model.*set sampling.sde_window: null"):
         check_names(Config(sampling=SamplingConfig(num_steps=3, sde_window=(0, 1))))
     cfg = load_config({"model": {"path": str(tiny_pipeline_dir)}, "sampling": {"num_steps": 3, "sde_window": [0, 1]}})
-    with pytest.raises(ValueError, match="a sd model sampled with DDIM; the window .* is implemented for sd3 models only"):
+    with pytest.raises(ValueError, match="a sd model sampled with DDIM; the window .* is for flow-matching models \\(sd3, flux\\)"):
         check_names(cfg)
     with pytest.raises(
         ValueError, match="holds a sd model, whose sampler \\(DiffusionPolicy\\) records every step.*set sampling.sde_window: null"
