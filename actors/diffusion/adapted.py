@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 
 from actors.diffusion import ddim
+from actors.diffusion.families import PromptEmbeddings
+from actors.diffusion.files import Family
 from actors.diffusion.lora import read_lora
 from actors.diffusion.trajectory import Trajectories, as_tensor
 
@@ -39,14 +41,46 @@ class AdaptedPolicy:
     TIMESTEP_DTYPE = torch.long
     """How recorded timesteps go back into :meth:`log_prob`: DDIM timesteps (int) or flow sigmas (float)."""
     SAMPLES_SDE_WINDOW = False
-    """Whether ``sample`` takes an ``sde_window`` (SDE steps in a window, ODE steps elsewhere); only SD3's flow policy does."""
+    """Whether ``sample`` takes an ``sde_window`` (SDE steps in a window, ODE steps elsewhere); the flow policies do."""
 
     unet: torch.nn.Module
-    lora_config: object
-    dtype: torch.dtype
-    vae: object
-    text_encoders: tuple
-    _premerge_weights: dict[str, torch.Tensor] | None
+
+    def __init__(
+        self,
+        *,
+        vae,
+        text_encoders: Sequence,
+        tokenizers: Sequence,
+        scheduler,
+        device: torch.device,
+        dtype: torch.dtype,
+        family: Family,
+        image_size: int | None = None,
+        lora_config=None,
+    ):
+        """The parts every policy has besides its trained network, which the subclass sets first."""
+        self.vae = vae
+        """None on a ``unet_only`` policy (learners, reference actors)."""
+        self.text_encoders = tuple(text_encoders)
+        """The text encoders in the pipeline's order; empty on a ``unet_only`` policy."""
+        self.tokenizers = tuple(tokenizers)
+        self.scheduler = scheduler
+        self.family = family
+        self.image_size = image_size
+        """Side of the square images in pixels."""
+        self.device = device
+        self.dtype = dtype
+        self.lora_config = lora_config
+        self.version = 0
+        """Incremented by every weight update, so trajectories can say which weights made them."""
+        self._negative_embeds: PromptEmbeddings | None = None
+        self._premerge_weights: dict[str, torch.Tensor] | None = None
+        """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
+
+    @property
+    def text_encoder(self):
+        """The first text encoder (CLIP); None on a ``unet_only`` policy."""
+        return self.text_encoders[0] if self.text_encoders else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]

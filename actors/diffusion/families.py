@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from actors.diffusion.ddim import guided_output
 from actors.diffusion.files import SD, Family
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,34 @@ class PromptEmbeddings:
     """Token features the UNet cross-attends to. (batch, tokens, dim) float32."""
     pooled: torch.Tensor | None = None
     """SDXL: the second text encoder's pooled projection. (batch, pooled_dim) float32; None for SD."""
+
+
+def guided(
+    network: Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: PromptEmbeddings,
+    negative: PromptEmbeddings,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance around ``network(latents, timesteps, condition)``: one call on
+    [unconditional; conditional] rows, or the conditional call alone at scale 1.
+
+    ``negative`` may hold one row (shared by the batch) or one per sample.
+    """
+    if guidance_scale == 1.0:
+        return network(latents, timesteps, condition)
+    batch = latents.shape[0]
+
+    def rows(tensor: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+        return tensor.expand(batch, *tensor.shape) if tensor.ndim < per_sample.ndim else tensor
+
+    both = PromptEmbeddings(
+        embeds=torch.cat([rows(negative.embeds, condition.embeds), condition.embeds]),
+        pooled=None if condition.pooled is None else torch.cat([rows(negative.pooled, condition.pooled), condition.pooled]),
+    )
+    unconditional, conditional = network(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
+    return guided_output(unconditional, conditional, guidance_scale)
 
 
 def _token_ids(tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:

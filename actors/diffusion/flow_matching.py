@@ -32,7 +32,6 @@ from peft.utils import get_peft_model_state_dict
 from actors.diffusion import ddim, flow
 from actors.diffusion.adapted import AdaptedPolicy
 from actors.diffusion.families import PromptEmbeddings
-from actors.diffusion.files import Family
 from actors.diffusion.lora import write_lora
 from actors.diffusion.trajectory import Trajectories
 
@@ -52,41 +51,12 @@ class FlowMatchingPolicy(AdaptedPolicy):
     MODEL_NAME = "flow"
     """The model family in messages ("SD3", "FLUX")."""
 
-    def __init__(
-        self,
-        *,
-        transformer,
-        vae,
-        text_encoders: Sequence,
-        tokenizers: Sequence,
-        scheduler,
-        device: torch.device,
-        dtype: torch.dtype,
-        family: Family,
-        image_size: int | None,
-        max_sequence_length: int,
-        lora_config=None,
-    ):
+    def __init__(self, *, transformer, max_sequence_length: int, **parts):
+        """``parts``: :class:`AdaptedPolicy`'s fields."""
         self.transformer = transformer
-        self.vae = vae
-        """None on a ``unet_only`` policy (learners, reference actors)."""
-        self.text_encoders = tuple(text_encoders)
-        """The text encoders in the pipeline's order; empty on a ``unet_only`` policy."""
-        self.tokenizers = tuple(tokenizers)
-        self.scheduler = scheduler
-        self.family = family
-        self.image_size = image_size
-        """Side of the square images in pixels."""
+        super().__init__(**parts)
         self.max_sequence_length = max_sequence_length
         """T5 tokens per caption."""
-        self.device = device
-        self.dtype = dtype
-        self.lora_config = lora_config
-        self.version = 0
-        """Incremented by every weight update, so trajectories can say which weights made them."""
-        self._negative_embeds: PromptEmbeddings | None = None
-        self._premerge_weights: dict[str, torch.Tensor] | None = None
-        """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
 
     @property
     def unet(self):
@@ -96,11 +66,6 @@ class FlowMatchingPolicy(AdaptedPolicy):
     @unet.setter
     def unet(self, module) -> None:
         self.transformer = module
-
-    @property
-    def text_encoder(self):
-        """The first (CLIP) text encoder; None on a ``unet_only`` policy."""
-        return self.text_encoders[0] if self.text_encoders else None
 
     # ------------------------------------------------------------------ what a family provides
     @property

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-from actors.diffusion import ddim, flow
+from actors.diffusion import flow
 from actors.diffusion.devices import load_settings
-from actors.diffusion.families import PromptEmbeddings
+from actors.diffusion.families import PromptEmbeddings, guided
 from actors.diffusion.files import SD3, Family, check_pipeline_dir, detect_family, vae_scale_factor
 from actors.diffusion.flow_matching import FlowMatchingPolicy
 from actors.storage import fetch
@@ -76,39 +76,14 @@ class FlowPolicy(FlowMatchingPolicy):
     LORA_TARGETS = SD3_LORA_TARGETS
     MODEL_NAME = "SD3"
 
-    def __init__(
-        self,
-        *,
-        transformer,
-        vae,
-        text_encoders: Sequence,
-        tokenizers: Sequence,
-        scheduler,
-        device: torch.device,
-        dtype: torch.dtype,
-        family: Family = SD3,
-        image_size: int | None = None,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        lora_config=None,
-    ):
+    def __init__(self, *, scheduler, family: Family = SD3, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH, **parts):
+        """``parts``: the transformer and :class:`AdaptedPolicy`'s fields; the text encoders are CLIP-L, CLIP-G and T5."""
         if scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError(
                 "the scheduler uses resolution-dependent (dynamic) shifting, which FlowPolicy does not implement; "
                 "it samples with SD3's static shift (scheduler_config.json: use_dynamic_shifting false, shift)"
             )
-        super().__init__(
-            transformer=transformer,
-            vae=vae,
-            text_encoders=text_encoders,  # CLIP-L, CLIP-G and T5 in SD3's order
-            tokenizers=tokenizers,
-            scheduler=scheduler,
-            device=device,
-            dtype=dtype,
-            family=family,
-            image_size=image_size,
-            max_sequence_length=max_sequence_length,
-            lora_config=lora_config,
-        )
+        super().__init__(scheduler=scheduler, family=family, max_sequence_length=max_sequence_length, **parts)
         self.shift = float(scheduler.config.shift)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
@@ -261,26 +236,10 @@ class FlowPolicy(FlowMatchingPolicy):
     def step_velocity(
         self, latents: torch.Tensor, sigmas: torch.Tensor, condition: PromptEmbeddings, negative: PromptEmbeddings, guidance_scale: float
     ) -> torch.Tensor:
-        """The (guided) velocity for a batch; one call on [uncond; cond] when guiding.
-
-        ``negative`` may hold one row (shared by the batch) or one per sample.
-        """
-        if guidance_scale == 1.0:
-            return self._velocity(latents, sigmas, condition)
-        batch = latents.shape[0]
-
-        def rows(tensor: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-            return tensor.expand(batch, *tensor.shape) if tensor.ndim < per_sample.ndim else tensor
-
-        if negative.pooled is None or condition.pooled is None:
+        """The (guided) velocity for a batch (:func:`actors.diffusion.families.guided`)."""
+        if guidance_scale != 1.0 and (negative.pooled is None or condition.pooled is None):
             raise ValueError("an SD3 policy needs pooled prompt embeddings; these trajectories were recorded without them")
-        both = PromptEmbeddings(
-            embeds=torch.cat([rows(negative.embeds, condition.embeds), condition.embeds]),
-            pooled=torch.cat([rows(negative.pooled, condition.pooled), condition.pooled]),
-        )
-        output = self._velocity(torch.cat([latents, latents]), torch.cat([sigmas, sigmas]), both)
-        unconditional, conditional = output.chunk(2)
-        return ddim.guided_output(unconditional, conditional, guidance_scale)
+        return guided(self._velocity, latents, sigmas, condition, negative, guidance_scale)
 
 
 def check_conditioning(transformer_config, text_encoders: Sequence) -> None:

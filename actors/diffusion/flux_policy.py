@@ -197,38 +197,21 @@ class FluxPolicy(FlowMatchingPolicy):
     def __init__(
         self,
         *,
-        transformer,
-        vae,
-        text_encoders: Sequence,
-        tokenizers: Sequence,
         scheduler,
-        device: torch.device,
-        dtype: torch.dtype,
         image_size: int,
         vae_scale_factor: int,
         family: Family = FLUX,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        lora_config=None,
+        **parts,
     ):
+        """``parts``: the transformer and :class:`AdaptedPolicy`'s fields; the text encoders are CLIP-L and T5."""
         check_scheduler_config(scheduler.config)
         if image_size % (2 * vae_scale_factor):
             raise ValueError(
                 f"image_size {image_size} must be a multiple of {2 * vae_scale_factor}: the VAE shrinks images "
                 f"{vae_scale_factor}x and FLUX packs the latents into 2 x 2 patches"
             )
-        super().__init__(
-            transformer=transformer,
-            vae=vae,
-            text_encoders=text_encoders,  # the CLIP encoder and the T5 encoder
-            tokenizers=tokenizers,
-            scheduler=scheduler,
-            device=device,
-            dtype=dtype,
-            family=family,
-            image_size=image_size,
-            max_sequence_length=max_sequence_length,
-            lora_config=lora_config,
-        )
+        super().__init__(scheduler=scheduler, image_size=image_size, family=family, max_sequence_length=max_sequence_length, **parts)
         self.vae_scale_factor = vae_scale_factor
 
     @property

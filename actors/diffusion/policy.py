@@ -33,14 +33,14 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from actors.diffusion import ddim, families
 from actors.diffusion.adapted import AdaptedPolicy
 from actors.diffusion.devices import load_settings
-from actors.diffusion.families import PromptEmbeddings
+from actors.diffusion.families import PromptEmbeddings, guided
 from actors.diffusion.files import FLUX, SD, SDXL, Family, check_pipeline_dir, detect_family, read_pipeline_options, vae_scale_factor
 from actors.diffusion.flow_policy import FlowPolicy
 from actors.diffusion.flux_policy import FluxPolicy
 from actors.diffusion.lora import unet_lora_state_dict, write_lora
 from actors.diffusion.trajectory import Trajectories
 from actors.storage import fetch
-from actors.toy.model import embedded_model_path
+from actors.toy.model import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -54,49 +54,15 @@ class DiffusionPolicy(AdaptedPolicy):
     Build with :meth:`from_pretrained`. ``unet`` is the only trained module.
     """
 
-    def __init__(
-        self,
-        *,
-        unet,
-        vae,
-        text_encoders: Sequence,
-        tokenizers: Sequence,
-        scheduler,
-        device: torch.device,
-        dtype: torch.dtype,
-        family: Family = SD,
-        image_size: int | None = None,
-        force_zeros_for_empty_prompt: bool = False,
-        lora_config=None,
-    ):
+    def __init__(self, *, unet, scheduler, family: Family = SD, force_zeros_for_empty_prompt: bool = False, device: torch.device, **parts):
+        """``parts``: the rest of :class:`AdaptedPolicy`'s fields (``image_size``: SDXL's time ids need it)."""
         self.unet = unet
-        self.vae = vae
-        """None on a ``unet_only`` policy (learners, reference actors)."""
-        self.text_encoders = tuple(text_encoders)
-        """One per tokenizer; empty on a ``unet_only`` policy."""
-        self.tokenizers = tuple(tokenizers)
-        self.scheduler = scheduler
-        self.family = family
-        self.image_size = image_size
-        """Side of the square images in pixels (SDXL's time ids need it)."""
+        super().__init__(scheduler=scheduler, family=family, device=device, **parts)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         """SDXL base: the unconditional branch of CFG sees all-zero embeddings, not the empty caption's."""
-        self.device = device
-        self.dtype = dtype
-        self.lora_config = lora_config
-        self.version = 0
-        """Incremented by every weight update, so trajectories can say which weights made them."""
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
         self.prediction_type = scheduler.config.prediction_type
-        self._negative_embeds: PromptEmbeddings | None = None
-        self._premerge_weights: dict[str, torch.Tensor] | None = None
-        """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
-
-    @property
-    def text_encoder(self):
-        """The first (for SD the only) text encoder; None on a ``unet_only`` policy."""
-        return self.text_encoders[0] if self.text_encoders else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -260,26 +226,8 @@ class DiffusionPolicy(AdaptedPolicy):
     def _model_output(
         self, latents: torch.Tensor, timesteps: torch.Tensor, condition: PromptEmbeddings, negative: PromptEmbeddings, guidance_scale: float
     ) -> torch.Tensor:
-        """The (guided) network output for a batch; one UNet call with [uncond; cond] when guiding.
-
-        ``negative`` may hold one row (shared by the batch) or one per sample.
-        """
-        if guidance_scale == 1.0:
-            return self._unet(latents, timesteps, condition)
-        batch = latents.shape[0]
-
-        def rows(tensor: torch.Tensor | None, per_sample: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None or per_sample is None:
-                return None
-            return tensor.expand(batch, *tensor.shape) if tensor.ndim < per_sample.ndim else tensor
-
-        both = PromptEmbeddings(
-            embeds=torch.cat([rows(negative.embeds, condition.embeds), condition.embeds]),
-            pooled=None if condition.pooled is None else torch.cat([rows(negative.pooled, condition.pooled), condition.pooled]),
-        )
-        output = self._unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
-        unconditional, conditional = output.chunk(2)
-        return ddim.guided_output(unconditional, conditional, guidance_scale)
+        """The (guided) network output for a batch (:func:`actors.diffusion.families.guided`)."""
+        return guided(self._unet, latents, timesteps, condition, negative, guidance_scale)
 
     @torch.no_grad()
     def sample(
@@ -414,12 +362,12 @@ Policy = DiffusionPolicy | FlowPolicy | FluxPolicy
 
 
 def pretrained_policy(path: str | os.PathLike, **kwargs) -> Policy:
-    """Load a pipeline directory (local or a URI) with the policy class its family needs.
+    """Load a pipeline directory (local or a URI, or an embedded model's name) with the policy class its family needs.
 
     A FLUX.1 pipeline (flux) becomes a :class:`FluxPolicy`, an SD3 one (sd3) a :class:`FlowPolicy`,
     any other a :class:`DiffusionPolicy`; ``kwargs`` are the classes' common ``from_pretrained`` arguments.
     """
-    local = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
+    local = check_pipeline_dir(fetch(resolve_model_path(path), "models"))  # a URI is downloaded once per node
     family = detect_family(local)
     cls = FluxPolicy if family is FLUX else FlowPolicy if family.flow_matching else DiffusionPolicy
     return cls.from_pretrained(local, **kwargs)
@@ -434,7 +382,7 @@ def load_policy(model, *, lora_path: str | os.PathLike | None = None, trainable:
     ``model.lora.target_modules`` null adapts the class's default layers.
     """
 
-    path = model.path or embedded_model_path()
+    path = resolve_model_path(model.path)
     if not trainable:
         policy = pretrained_policy(path, finetune="full", dtype=model.dtype, device=model.device, unet_only=unet_only)
         policy.unet.requires_grad_(False)
