@@ -15,7 +15,6 @@ from actors.evaluate import evaluate
 from actors.prompts import read_prompts
 from actors.rewards.registry import build_reward
 from actors.storage import Location
-from actors.toy.model import embedded_model_path
 from jobs.console import quiet_library_progress
 from jobs.sampling import choose_sampling, default_sampler
 from orchestrator.config import SamplingConfig, apply_overrides
@@ -69,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
 
     quiet_library_progress()
-    base, unet = resolve_model(args.model)  # a fully fine-tuned run: its base model and trained UNet
-    model_path = base or embedded_model_path()
-    unet_path = unet.uri if unet is not None else None
     lora = resolve_lora_dir(args.lora) if args.lora else None
+    # a fully fine-tuned run: its base model and trained UNet; no --model: the adapter's base model
+    model_path, unet = resolve_model(args.model, lora)
+    unet_path = unet.uri if unet is not None else None
     chosen = choose_sampling(given, trained_sampling(lora) if lora else None, names=SAMPLING_FLAGS)
     for line in chosen.differences:
         print(f"warning: {line}", file=sys.stderr)

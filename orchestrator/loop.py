@@ -99,7 +99,7 @@ def _write_checkpoint(
         if learner.policy.lora_config is not None:
             with checkpoint.lora.writing_dir() as local:
                 learner.write_lora(local, weights)
-            rundir.write_sampling(checkpoint.lora, cfg.sampling)  # eval and serve sample as training did
+            rundir.write_sampling(checkpoint.lora, cfg.sampling, cfg.model.path)  # eval and serve sample as training did
         else:
             with checkpoint.unet.writing_dir() as local:  # a diffusers UNet folder: config.json + weights
                 learner.save_unet_config(local)

@@ -22,10 +22,11 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
-from actors.diffusion.files import SD, SD3, check_pipeline_dir, detect_family
+from actors.diffusion.files import SD, check_pipeline_dir, detect_family
 from actors.prompts import read_prompts
 from actors.rewards.registry import build_reward_from_config
 from actors.storage import is_uri
+from actors.toy.model import resolve_model_path
 from orchestrator import rundir
 from orchestrator.cluster import NAMESPACE, connect
 from orchestrator.config import Config, config_to_yaml, to_dict
@@ -94,7 +95,7 @@ def resolve_run(cfg: Config | None, run: RunDir, *, resume: bool) -> tuple[Confi
 def check_names(cfg: Config, *, external_cluster: bool = False) -> None:
     """Fail before any actor starts on names that only actors would otherwise resolve."""
     # The model first: a preset's placeholder model path is the first thing a user must set.
-    path = cfg.model.path
+    path = None if cfg.model.path is None else resolve_model_path(cfg.model.path)  # an embedded model's name: its directory
     if path is not None:
         if external_cluster and not is_uri(path) and not Path(path).exists():
             # A path on the cluster's nodes need not exist where the driver runs: each node that loads it checks it.
@@ -104,12 +105,11 @@ def check_names(cfg: Config, *, external_cluster: bool = False) -> None:
     if cfg.sampling.sde_window is not None and (path is None or (not is_uri(path) and Path(path).is_dir())):
         # elsewhere (a URI, a path only the cluster's nodes have) the rollout actors refuse it when they load the model
         family = detect_family(path) if path is not None else SD
-        if family is not SD3:
-            model = "the embedded toy model, an sd model" if path is None else f"{path!r}, a {family.name} model"
-            kind = "(flow matching) whose sampler records every step" if family.flow_matching else "sampled with DDIM"
+        if not family.flow_matching:
+            model = "the embedded toy UNet model, an sd model" if path is None else f"{path!r}, a {family.name} model"
             raise ValueError(
-                f"sampling.sde_window is set, but model.path is {model} {kind}; the window (SDE steps inside it, ODE steps "
-                "outside) is implemented for sd3 models only: set sampling.sde_window: null"
+                f"sampling.sde_window is set, but model.path is {model} sampled with DDIM; the window (SDE steps inside it, "
+                "ODE steps outside) is for flow-matching models (sd3, flux): set sampling.sde_window: null"
             )
     build_reward_from_config(cfg.reward).check()
     read_prompts(cfg.train.prompts)

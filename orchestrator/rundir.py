@@ -48,6 +48,7 @@ import yaml
 
 from actors.diffusion.files import LORA_CONFIG_NAME
 from actors.storage import Location, cache_root, fetch
+from actors.toy.model import resolve_model_path
 from orchestrator.config import Config, SamplingConfig, load_config, parse_yaml
 
 logger = logging.getLogger(__name__)
@@ -223,12 +224,16 @@ def resolve_lora_dir(path: str | os.PathLike) -> Path:
     return fetch(locate_lora(path), "adapters", keep_parent=True)
 
 
-def resolve_model(path: str | os.PathLike | None) -> tuple[str | None, Location | None]:
-    """What a user may give as a model: a pipeline directory (returned as it is, None = the
-    embedded toy model), or a fully fine-tuned run or checkpoint, which becomes (the run's base
-    model, the checkpoint's ``unet/``)."""
+def resolve_model(path: str | os.PathLike | None, adapter_dir: str | os.PathLike | None = None) -> tuple[str | Path, Location | None]:
+    """What a user may give as a model, as (the pipeline to load, a trained UNet or None).
+
+    A pipeline directory or URI is returned as it is and an embedded model's name (``toy-sd3``)
+    as its shipped directory; a fully fine-tuned run or checkpoint becomes (the run's base
+    model, the checkpoint's ``unet/``). None means the model ``adapter_dir``'s adapter was
+    trained on (see :func:`trained_model`), else the embedded toy UNet model.
+    """
     if path is None:
-        return None, None
+        return resolve_model_path(trained_model(adapter_dir) if adapter_dir is not None else None), None
     where = Location(path)
     checkpoint = Checkpoint(where) if (where / COMPLETE).is_file() else None
     if checkpoint is None and (where / CHECKPOINTS_DIR).is_dir():
@@ -236,12 +241,12 @@ def resolve_model(path: str | os.PathLike | None) -> tuple[str | None, Location 
         if checkpoint is None:
             raise ValueError(f"{path} is a training run without a complete checkpoint yet (look in {where / CHECKPOINTS_DIR})")
     if checkpoint is None:
-        return str(path), None
+        return resolve_model_path(path), None
     if not checkpoint.unet.is_dir():
         raise ValueError(
             f"{checkpoint.location} holds a LoRA adapter, not a fully fine-tuned UNet: give it as --lora, with --model its base model"
         )
-    return checkpoint.read_config().model.path, checkpoint.unet
+    return resolve_model_path(checkpoint.read_config().model.path), checkpoint.unet
 
 
 # --------------------------------------------------------------------------- writing checkpoints
@@ -305,10 +310,31 @@ class SamplerSettings:
         return f"{self.num_steps} steps, eta {self.eta:g}, guidance {self.guidance_scale:g}"
 
 
-def write_sampling(adapter_dir: str | os.PathLike | Location, sampling: Any) -> None:
-    """Record ``sampling``'s sampler settings (a :class:`SamplingConfig`) beside an adapter."""
+def write_sampling(adapter_dir: str | os.PathLike | Location, sampling: Any, model: str | None = None) -> None:
+    """Record ``sampling``'s sampler settings (a :class:`SamplingConfig`) beside an adapter, and
+    the ``model.path`` it was trained on (None: the embedded toy UNet model)."""
     settings = {name: getattr(sampling, name) for name in SAMPLER_FIELDS}
+    settings["model"] = model
     (Location(adapter_dir) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def trained_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The ``model.path`` the adapter in ``adapter_dir`` was trained on, as its run gave it: from
+    ``sampling.json`` beside the weights, else from its checkpoint's ``config.yaml``. None for
+    the embedded toy UNet model, and for an adapter with neither record."""
+    adapter_dir = Path(adapter_dir)
+    source = adapter_dir / SAMPLING_FILE
+    try:
+        if source.is_file():
+            data = json.loads(source.read_text())
+            if isinstance(data, Mapping) and "model" in data:
+                return data["model"]
+        source = adapter_dir.parent / CONFIG_FILE
+        if adapter_dir.name == LORA_DIR and source.is_file():
+            return ((yaml.safe_load(source.read_text()) or {}).get("model") or {}).get("path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, AttributeError) as error:
+        raise ValueError(f"{source} is not readable ({error}); give the base model with --model") from None
+    return None
 
 
 def trained_sampling(adapter_dir: Path) -> tuple[SamplerSettings, Path] | None:

@@ -42,9 +42,29 @@ TOKENIZER_MAX_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def embedded_model_path() -> Path:
-    """Directory of the pretrained toy pipeline shipped inside the package."""
-    return Path(str(resources.files("actors.toy") / "assets" / "toy-t2i"))
+EMBEDDED_MODELS: dict[str, str] = {
+    "toy-t2i": "the toy UNet model (Stable Diffusion 1.5 format, sampled with DDIM)",
+    "toy-sd3": "the toy flow model (Stable Diffusion 3.5 format, sampled with the Flow-GRPO SDE)",
+}
+"""The pretrained toy pipelines shipped inside the package, by the name ``model.path`` may give."""
+
+
+def embedded_model_path(name: str = "toy-t2i") -> Path:
+    """Directory of a pretrained toy pipeline shipped inside the package (see :data:`EMBEDDED_MODELS`)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"{name!r} is not an embedded model; they are {', '.join(EMBEDDED_MODELS)}")
+    return Path(str(resources.files("actors.toy") / "assets" / name))
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> str | Path:
+    """Where a model given as ``model.path`` is: None means the toy UNet model, an embedded model's
+    name (``toy-sd3``) its shipped directory, unless a directory of that name exists here;
+    anything else (a path or a URI) is returned as it is."""
+    if path is None:
+        return embedded_model_path()
+    if str(path) in EMBEDDED_MODELS and not Path(path).exists():
+        return embedded_model_path(str(path))
+    return path
 
 
 def _bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -41,12 +41,12 @@ from ray.serve.schema import ServeDeploySchema
 
 from actors.diffusion.generator import ImageGenerator, ImageJob
 from actors.diffusion.images import encode_png
-from actors.toy.model import embedded_model_path
+from actors.toy.model import resolve_model_path
 from jobs.sampling import ChosenSampling, choose_sampling
 from jobs.serve import api as serve_api
 from orchestrator.config import ServeConfig, load_config, replace, to_dict
 from orchestrator.pools import threads_for
-from orchestrator.rundir import resolve_lora_dir, resolve_model, trained_sampling
+from orchestrator.rundir import resolve_lora_dir, resolve_model, trained_model, trained_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ def model_id(config: ServeConfig) -> str:
     """Id of the base model: ``model_name``, else the model directory's name."""
     if config.model_name:
         return config.model_name
-    if config.model is None:
-        return "toy-t2i"
-    return Path(config.model).resolve().name
+    return Path(resolve_model_path(config.model)).resolve().name
 
 
 def adapter_id(config: ServeConfig) -> str:
@@ -152,7 +150,7 @@ class ImageServer:
         batching = self.config.batching
         base, unet = resolve_model(self.config.model)  # a fully fine-tuned run: its base model and trained UNet
         self.generator = ImageGenerator.from_pretrained(
-            base or embedded_model_path(),
+            base,
             unet_path=unet.uri if unet is not None else None,
             device=self.config.device,
             dtype=self.config.dtype,
@@ -347,9 +345,19 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
     return options
 
 
+def with_trained_model(config: ServeConfig) -> ServeConfig:
+    """``config`` with ``model`` set to the model its adapter was trained on, when it names none."""
+    if config.model is not None or config.lora is None:
+        return config
+    model = trained_model(resolve_lora_dir(config.lora))
+    return config if model is None else replace(config, model=model)
+
+
 def build_app(config: ServeConfig):
     """The Serve application for ``config`` (``serve.run(build_app(cfg))`` works too, though a
-    ``user_config`` change then restarts replicas instead of reconfiguring them)."""
+    ``user_config`` change then restarts replicas instead of reconfiguring them). Without a
+    ``model``, the adapter's base model is served."""
+    config = with_trained_model(config)
     return ImageServer.options(**deployment_options(config)).bind(to_dict(config))
 
 

@@ -19,10 +19,11 @@ from actors.diffusion.files import check_pipeline_dir
 from actors.diffusion.generator import adapter_version
 from actors.diffusion.lora import read_lora
 from actors.storage import Location
+from actors.toy.model import resolve_model_path
 from jobs.console import quiet_library_progress
 from jobs.sampling import ChosenSampling
 from jobs.serve.api import API_KEY_ENV
-from jobs.serve.app import APP_NAME, deploy, model_id, serve_sampling
+from jobs.serve.app import APP_NAME, deploy, model_id, serve_sampling, with_trained_model
 from orchestrator.cluster import connect
 from orchestrator.config import ServeConfig, from_dict, load_config, replace, to_dict
 from orchestrator.rundir import locate_lora, resolve_lora_dir, resolve_model
@@ -51,11 +52,11 @@ def check_serve_inputs(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
     run in this directory; a URI as it is) and the adapter to serve (the exact checkpoint's
     adapter, so every replica serves the same one), or None.
     """
+    cfg = with_trained_model(cfg)  # no model: the one the adapter was trained on
     if cfg.model is not None:
         base, _ = resolve_model(cfg.model)
-        if base is not None:
-            check_pipeline_dir(base)
-        cfg = replace(cfg, model=Location(cfg.model).uri)
+        check_pipeline_dir(base)
+        cfg = replace(cfg, model=Location(resolve_model_path(cfg.model)).uri)
     if cfg.lora is None:
         return cfg, None
     adapter = locate_lora(cfg.lora)

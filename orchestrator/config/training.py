@@ -70,7 +70,8 @@ class ModelConfig(Section):
     both sampled with DDIM, or ``sd3`` (Stable Diffusion 3 / 3.5: transformer/, vae/, three
     text encoders and tokenizers including T5, scheduler/), a flow-matching model sampled
     with the Flow-GRPO SDE (set sampling.eta, its noise level, e.g. to 0.7). null = the
-    embedded toy model (sd). Nothing is downloaded: a hub id is not accepted at run time. A
+    embedded toy UNet model (sd), also named ``toy-t2i``; ``toy-sd3`` is the embedded toy flow
+    model (sd3). Nothing is downloaded: a hub id is not accepted at run time. A
     missing or incomplete directory fails before any actor starts, naming the path."""
 
     finetune: Literal["lora", "full"] = "lora"
@@ -146,7 +147,7 @@ class SamplingConfig(Section):
     adding a small update to a half-precision weight would round it away."""
 
     sde_window: tuple[StepIndex, StepIndex] | None = Field(None, strict=False)
-    """Flow-matching sd3 models only: sample with the Flow-GRPO SDE on steps start <= i <
+    """Flow-matching models (sd3, flux) only: sample with the Flow-GRPO SDE on steps start <= i <
     stop alone and with the deterministic Euler ODE step on the others, and record and train
     on the window's steps only (Flow-GRPO-Fast: most of the signal is in the early,
     high-noise steps, so e.g. [0, 2] of 10 steps trains on a fifth of the transitions, with

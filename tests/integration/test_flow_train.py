@@ -1,13 +1,13 @@
-"""Flow-GRPO on Stable Diffusion 3 end to end: a tiny random SD3 pipeline trained through Ray, then used.
+"""Flow-GRPO on Stable Diffusion 3 and FLUX.1 end to end: tiny random pipelines trained through Ray, then used.
 
-One short run, GRPO-style (advantages normalised within each prompt's group of images), LoRA on
-the transformer's default layers, goes through every worker with the flow-matching policy:
-rollout actors sample the SDE on a window of the steps (the ODE on the last) and record the
-window's sigmas, the learner trains the transformer's adapter under DeepSpeed with DPOK, whose
-reference means it computes itself with the adapter switched off (no reference pool is
-started), and checkpoints are written. The adapter it leaves must then load where users take
-it: diffusers' own ``StableDiffusion3Pipeline``, ``rayalign eval --lora RUN`` and the serving
-generator.
+One short run per family, GRPO-style (advantages normalised within each prompt's group of
+images), LoRA on the transformer's default layers, goes through every worker with the
+flow-matching policy: rollout actors sample the SDE on a window of the steps (the ODE on the
+last) and record the window's sigmas, the learner trains the transformer's adapter under
+DeepSpeed with DPOK, whose reference means it computes itself with the adapter switched off
+(no reference pool is started), and checkpoints are written. The adapter it leaves must then
+load where users take it: diffusers' own pipeline (``StableDiffusion3Pipeline``,
+``FluxPipeline``), ``rayalign eval --lora RUN`` and the serving generator.
 """
 
 import json
@@ -15,11 +15,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.numpy import load_file
 
 from actors.diffusion.files import LORA_WEIGHTS_NAME
 from actors.diffusion.flow_policy import FlowPolicy
+from actors.diffusion.flux_policy import FluxPolicy
 from actors.diffusion.generator import ImageGenerator, ImageJob
 from actors.diffusion.policy import pretrained_policy
 from jobs import eval as eval_job
@@ -27,6 +28,7 @@ from jobs.cli import build_parser
 from orchestrator.metrics import REQUIRED_KEYS, read_metrics
 from orchestrator.run import train
 from orchestrator.rundir import resolve_lora_dir
+from tests.helpers.flow import T5_TOKENS, transformer_inputs
 from tests.helpers.runs import final_lora, tiny_config
 
 FLOW_GRPO = {
@@ -39,15 +41,30 @@ FLOW_GRPO = {
     "train.reference": "adapter_off",  # the learner's own transformer, adapter off: no reference pool
 }
 TRAINED_SAMPLING = {"num_steps": 3, "eta": 0.7, "guidance_scale": 2.0}
-"""What tiny_config and FLOW_GRPO sample with; eval must pick it up from the run."""
+"""What tiny_config and FLOW_GRPO sample with; eval must pick it up from the run (FLUX: distilled guidance 2)."""
 PROMPT = "a red circle on the left"
+FAMILIES = {
+    "sd3": ("sd3_dir", StableDiffusion3Pipeline, FlowPolicy),
+    "flux": ("flux_dir", FluxPipeline, FluxPolicy),
+}
+"""Per family: the fixture of its tiny pipeline directory, diffusers' pipeline class, rayalign's policy class."""
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, sd3_dir, tmp_path_factory):
+def pipeline_dir(family, request):
+    return request.getfixturevalue(FAMILIES[family][0])
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, family, pipeline_dir, tmp_path_factory):
     """Two epochs of DPOK with the reference computed in the learner, and a checkpoint after each."""
-    run = tmp_path_factory.mktemp("flow-grpo") / "run"
-    train(tiny_config(sd3_dir, **FLOW_GRPO), run, progress=False)
+    run = tmp_path_factory.mktemp(f"flow-grpo-{family}") / "run"
+    train(tiny_config(pipeline_dir, **FLOW_GRPO), run, progress=False)
     return run
 
 
@@ -68,8 +85,8 @@ def test_both_epochs_train_with_finite_metrics_and_exact_recomputation(run):
 def test_the_lora_checkpoint_moved_from_its_initial_value(run):
     first = load_file(str(run / "checkpoints" / "epoch_0001" / "lora" / LORA_WEIGHTS_NAME))
     last = final_lora(run)
-    assert first.keys() == last.keys() and all(name.startswith("transformer.") for name in last)  # SD3's LoRA file layout
-    # model.lora.target_modules is null: SD3's defaults, the text stream's layers included
+    assert first.keys() == last.keys() and all(name.startswith("transformer.") for name in last)  # the SD3 / FLUX LoRA file layout
+    # model.lora.target_modules is null: the family's defaults, the text stream's layers included
     assert any(".attn.add_q_proj.lora_A." in name for name in last) and any(".ff_context.net.2.lora_B." in name for name in last)
     ups = [name for name in last if ".lora_B." in name]
     # peft starts every lora_B at zero: non-zero ones were trained, and epoch 2 moved them on from epoch 1
@@ -78,19 +95,14 @@ def test_the_lora_checkpoint_moved_from_its_initial_value(run):
     assert all(np.isfinite(array).all() for array in last.values())
 
 
-def test_the_adapter_loads_into_the_diffusers_pipeline_as_rayalign_reads_it(run, sd3_dir):
+def test_the_adapter_loads_into_the_diffusers_pipeline_as_rayalign_reads_it(family, run, pipeline_dir):
+    _, pipeline_class, policy_class = FAMILIES[family]
     lora = resolve_lora_dir(run)
-    policy = pretrained_policy(sd3_dir, lora_path=lora, device="cpu", max_sequence_length=16)
-    assert isinstance(policy, FlowPolicy) and policy.lora_config.lora_alpha == 4.0
-    condition = policy.encode_prompts([PROMPT])
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=condition.embeds,
-        pooled_projections=condition.pooled,
-        return_dict=False,
-    )
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    policy = pretrained_policy(pipeline_dir, lora_path=lora, device="cpu", max_sequence_length=T5_TOKENS)
+    assert isinstance(policy, policy_class) and policy.lora_config.lora_alpha == 4.0
+    trajectories, _ = policy.sample([PROMPT], seeds=[0], num_steps=2, decode=False)
+    inputs = transformer_inputs(family, trajectories, step=1, sigma=0.5)
+    pipe = pipeline_class.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         plain = pipe.transformer(**inputs)[0]
@@ -98,24 +110,28 @@ def test_the_adapter_loads_into_the_diffusers_pipeline_as_rayalign_reads_it(run,
         theirs, ours = pipe.transformer(**inputs)[0], policy.transformer(**inputs)[0]
     assert (ours - plain).abs().max() > 0  # the trained adapter acts
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)  # same layers, same scale
-    generated = pipe(PROMPT, num_inference_steps=2, max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0))
+    generated = pipe(
+        PROMPT, num_inference_steps=2, max_sequence_length=T5_TOKENS, output_type="np", generator=torch.Generator().manual_seed(0)
+    )
     assert generated.images.shape == (1, 32, 32, 3) and np.isfinite(generated.images).all()
 
 
-def test_eval_and_the_serving_generator_sample_with_the_run_s_adapter(run, sd3_dir, tmp_path):
+def test_eval_and_the_serving_generator_sample_with_the_run_s_adapter(family, run, pipeline_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\na blue square at the top\n")
     output = tmp_path / "eval.json"
-    flags = ["--model", str(sd3_dir), "--lora", str(run), "--prompts", str(prompts), "--reward", "jpeg_incompressibility"]
+    # no --model: the base model is the one the run trained (recorded beside the adapter), not the toy UNet model
+    flags = ["--lora", str(run), "--prompts", str(prompts), "--reward", "jpeg_incompressibility"]
     args = build_parser().parse_args(["eval", *flags, "--num-per-prompt", "2", "--output", str(output), "--device", "cpu"])
     assert eval_job.run(args) == 0
     report = json.loads(output.read_text())
+    assert report["model"] == str(pipeline_dir)
     assert np.isfinite(report["mean"]) and len(report["per_prompt"]) == 2
     assert {name: report["sampling"][name] for name in TRAINED_SAMPLING} == TRAINED_SAMPLING  # sampled as trained
     assert output.with_suffix(".png").is_file()
 
-    generator = ImageGenerator.from_pretrained(sd3_dir, device="cpu", batch_size=2, pad_batches=False)
-    assert isinstance(generator.policy, FlowPolicy)
+    generator = ImageGenerator.from_pretrained(pipeline_dir, device="cpu", batch_size=2, pad_batches=False)
+    assert isinstance(generator.policy, FAMILIES[family][2])
     adapter = generator.load_adapter(resolve_lora_dir(run))
     (result,) = generator.generate([ImageJob(prompt=PROMPT, seeds=(1, 2), **TRAINED_SAMPLING)])
     assert result.adapter_version == adapter.version and result.images.shape == (2, 32, 32, 3)

@@ -4,21 +4,51 @@ import json
 
 import pytest
 
+from actors.toy.model import embedded_model_path, resolve_model_path
 from jobs.sampling import choose_sampling, default_sampler
 from orchestrator.config import SamplingConfig, dump_yaml, load_config
 from orchestrator.rundir import (
     SAMPLING_FILE,
     SamplerSettings,
+    resolve_model,
+    trained_model,
     trained_sampling,
     write_sampling,
 )
 
 
 def test_settings_are_written_beside_the_adapter_and_read_back(tmp_path):
-    write_sampling(tmp_path, SamplingConfig(num_steps=10, eta=0.7, guidance_scale=1.0))
-    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0}
+    write_sampling(tmp_path, SamplingConfig(num_steps=10, eta=0.7, guidance_scale=1.0), "toy-sd3")
+    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0, "model": "toy-sd3"}
     settings, source = trained_sampling(tmp_path)
     assert settings == SamplerSettings(num_steps=10, eta=0.7, guidance_scale=1.0) and source == tmp_path / SAMPLING_FILE
+    assert trained_model(tmp_path) == "toy-sd3"
+
+
+def test_the_base_model_of_an_adapter_comes_from_its_record_else_its_checkpoint_config(tmp_path):
+    adapter = tmp_path / "epoch_0004" / "lora"
+    adapter.mkdir(parents=True)
+    assert trained_model(adapter) is None  # no record: the caller's default (the toy UNet model, or --model)
+    dump_yaml(load_config(overrides=["model.path=/models/sd15"]), tmp_path / "epoch_0004" / "config.yaml")
+    assert trained_model(adapter) == "/models/sd15"
+    write_sampling(adapter, SamplingConfig(), None)  # trained on the embedded toy UNet model
+    assert trained_model(adapter) is None
+    # The embedded models' names resolve to their shipped directories; None is the toy UNet model.
+    assert resolve_model(None, adapter) == (embedded_model_path("toy-t2i"), None)
+    write_sampling(adapter, SamplingConfig(), "toy-sd3")
+    assert resolve_model(None, adapter) == (embedded_model_path("toy-sd3"), None)
+    assert resolve_model("/models/other", adapter) == ("/models/other", None)  # a given model wins
+
+
+def test_an_embedded_model_name_resolves_unless_a_directory_has_that_name(tmp_path, monkeypatch):
+    assert resolve_model_path(None) == embedded_model_path() == embedded_model_path("toy-t2i")
+    assert resolve_model_path("toy-sd3") == embedded_model_path("toy-sd3")
+    assert resolve_model_path("s3://bucket/models/sd35") == "s3://bucket/models/sd35"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy-sd3").mkdir()
+    assert resolve_model_path("toy-sd3") == "toy-sd3"  # the user's own directory of that name
+    with pytest.raises(ValueError, match="'toy-xl' is not an embedded model; they are toy-t2i, toy-sd3"):
+        embedded_model_path("toy-xl")
 
 
 def test_a_checkpoint_without_the_file_falls_back_to_its_config(tmp_path):
