@@ -19,13 +19,18 @@ from typing import Sequence
 
 from orchestrator.config import SamplingConfig
 
+MODEL_HELP = (
+    "local diffusers pipeline directory (SD 1.x/2.x, SDXL or SD3) or an embedded model, toy-t2i or toy-sd3 "
+    "(default: the model the --lora adapter was trained on, else toy-t2i)"
+)
+
 
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="run (or resume) distributed DDPO/DPOK training")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--preset",
-        help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, quickstart; "
+        help="a shipped config: toy-ddpo, toy-dpok, toy-compressibility, toy-flow-grpo, quickstart; "
         "on GPUs with your weights: sd15-aesthetic-ddpo, sd15-imagereward-dpok, sdxl-pickscore-grpo, sd35m-pickscore-grpo, "
         "flux-dev-hpsv2-grpo",
     )
@@ -64,7 +69,7 @@ def _add_train(subparsers) -> None:
 def _add_eval(subparsers) -> None:
     defaults = SamplingConfig()
     p = subparsers.add_parser("eval", help="score a model (optionally with a LoRA) on a prompt file")
-    p.add_argument("--model", help="local diffusers pipeline directory: SD 1.x/2.x, SDXL or SD3 (default: the embedded toy model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
         "--lora", help="LoRA adapter: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory"
     )
@@ -93,15 +98,24 @@ def _add_eval(subparsers) -> None:
 
 
 def _add_make_toy_model(subparsers) -> None:
-    # Defaults live in actors.toy.pretrain.PretrainArgs; importing it here would load torch
-    # for every command, so unset flags are left to it (the help text quotes its values).
-    p = subparsers.add_parser("make-toy-model", help="pretrain the embedded toy text-to-image model from scratch")
+    # Defaults live in actors.toy.pretrain.PretrainArgs and actors.toy.flow_pretrain.FlowPretrainArgs;
+    # importing them here would load torch for every command, so unset flags are left to them
+    # (the help text quotes their values).
+    p = subparsers.add_parser("make-toy-model", help="pretrain an embedded toy text-to-image model from scratch")
     p.add_argument("--output", required=True, help="directory to write the pipeline to (must not exist or be empty)")
+    p.add_argument(
+        "--family",
+        choices=["sd", "sd3"],
+        default="sd",
+        help="sd: the SD 1.5-format UNet model (toy-t2i); sd3: the SD 3.5-format flow model (toy-sd3) (default sd)",
+    )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--vae-steps", type=int, help="autoencoder steps (default 1000)")
-    p.add_argument("--unet-steps", type=int, help="denoiser steps (default 500)")
-    p.add_argument("--unet-lr-horizon", type=int, help="length of the denoiser's cosine LR schedule, at least --unet-steps (default 2600)")
     p.add_argument("--images-per-prompt", type=int, help="renders per training caption (default 80)")
+    p.add_argument("--vae-steps", type=int, help="sd: autoencoder steps (default 1000)")
+    p.add_argument("--unet-steps", type=int, help="sd: denoiser steps (default 500)")
+    p.add_argument("--unet-lr-horizon", type=int, help="sd: length of the denoiser's LR schedule, at least --unet-steps (default 2600)")
+    p.add_argument("--steps", type=int, help="sd3: transformer steps (default 240)")
+    p.add_argument("--lr-horizon", type=int, help="sd3: length of the cosine LR schedule, at least --steps (default 3000)")
     p.set_defaults(module="jobs.make_toy_model")
 
 
@@ -117,7 +131,7 @@ def _add_server_flags(p) -> None:
         metavar="KEY=VALUE",
         help="override ServeConfig fields, e.g. --set limits.max_n=8 batching.max_batch_size=8 (repeatable)",
     )
-    p.add_argument("--model", help="local diffusers pipeline directory: SD 1.x/2.x, SDXL or SD3 (default: the embedded toy model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
         "--lora", help="LoRA to serve: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory"
     )

@@ -36,13 +36,29 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainArgs:
-    """Settings of the toy-model pretraining job."""
+class ToyPretrainArgs:
+    """What the pretraining jobs of both toy models take."""
 
     output: str
     """Directory the pipeline is written to (created; must be empty or absent)."""
     seed: int = 0
     """Seeds data rendering, initialisation and noise."""
+    caption_dropout: float = 0.1
+    """Fraction of captions replaced by "" so the unconditional branch of CFG is learned."""
+    ema_decay: float = 0.995
+    """Exponential moving average of the denoiser's (and text encoders') weights; the average is what gets saved."""
+    images_per_prompt: int = 80
+    """Ground-truth renders per training caption (distinct seeds)."""
+    snapshot_steps: tuple[int, ...] = ()
+    """Denoiser steps at which to also save a full pipeline under ``output/snapshots/step_N``."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainArgs(ToyPretrainArgs):
+    """Settings of the toy UNet model's pretraining job."""
+
     vae_steps: int = 1000
     """Optimiser steps of the autoencoder phase."""
     vae_batch_size: int = 64
@@ -61,35 +77,41 @@ class PretrainArgs:
     """
     unet_batch_size: int = 128
     unet_lr: float = 1e-3
-    caption_dropout: float = 0.1
-    """Fraction of captions replaced by "" so the unconditional branch of CFG is learned."""
-    ema_decay: float = 0.995
-    """Exponential moving average of UNet weights; the average is what gets saved."""
-    images_per_prompt: int = 80
-    """Ground-truth renders per training caption (distinct seeds)."""
-    snapshot_steps: tuple[int, ...] = ()
-    """UNet steps at which to also save a full pipeline under ``output/snapshots/step_N``."""
-    num_threads: int = 0
-    """torch intra-op threads; 0 keeps torch's default."""
 
 
-def _render_dataset(args: PretrainArgs) -> tuple[list[str], torch.Tensor]:
-    prompts = [p for p in toy_world.train_prompts() for _ in range(args.images_per_prompt)]
-    seeds = np.random.default_rng(args.seed).integers(0, 2**31 - 1, size=len(prompts))
+def drop_captions(captions: list[str], fraction: float, generator: torch.Generator) -> list[str]:
+    """``captions`` with each replaced by "" with probability ``fraction`` (for classifier-free guidance)."""
+    drop = torch.rand(len(captions), generator=generator) < fraction
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def render_dataset(images_per_prompt: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """Ground-truth renders of every training caption: the captions and (N, 3, 32, 32) pixels in [-1, 1]."""
+    prompts = [p for p in toy_world.train_prompts() for _ in range(images_per_prompt)]
+    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(prompts))
     images = toy_world.render_batch(prompts, seeds.tolist())  # (N, 32, 32, 3) uint8
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, 32, 32) in [-1, 1]
     return prompts, pixels
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@torch.no_grad()
+def ema_update(pairs, step: int, max_decay: float) -> None:
+    """Move each (average, model) pair's average towards the model; the decay ramps up to ``max_decay`` over the first steps."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for average, model in pairs:
+        for p_average, p in zip(average.parameters(), model.parameters()):
+            p_average.lerp_(p, 1 - decay)
+
+
 def train_vae(vae, pixels: torch.Tensor, args: PretrainArgs, generator: torch.Generator) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, args.vae_steps, 50))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.vae_steps, 50))
     vae.train()
     losses = []
     for _ in tqdm(range(args.vae_steps), desc="autoencoder", mininterval=5):
@@ -126,7 +148,7 @@ def train_denoiser(
 ) -> dict:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, max(args.unet_lr_horizon, args.unet_steps), 100))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, max(args.unet_lr_horizon, args.unet_steps), 100))
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     alphas_cumprod = noise_scheduler.alphas_cumprod
@@ -138,9 +160,7 @@ def train_denoiser(
     for step in progress:
         index = torch.randint(0, len(latents), (args.unet_batch_size,), generator=generator)
         x0 = latents[index]
-        captions = prompt_array[index.numpy()].tolist()
-        drop = torch.rand(len(captions), generator=generator) < args.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        captions = drop_captions(prompt_array[index.numpy()].tolist(), args.caption_dropout, generator)
         ids = tokenizer(
             captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
@@ -155,11 +175,7 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            for target, source in ((ema, unet), (ema_text, text_encoder)):
-                for p_ema, p in zip(target.parameters(), source.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
+        ema_update(((ema, unet), (ema_text, text_encoder)), step, args.ema_decay)
         losses.append(loss.item())
         if step % 100 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
@@ -179,7 +195,7 @@ def pretrain(args: PretrainArgs) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
 
-    prompts, pixels = _render_dataset(args)
+    prompts, pixels = render_dataset(args.images_per_prompt, args.seed)
     logger.info("rendered %d training images of %d captions", len(prompts), len(set(prompts)))
 
     vae = toy_model.build_vae()

@@ -58,19 +58,29 @@ def build_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _build_transformer(variant: SD3Variant) -> SD3Transformer2DModel:
+def _build_transformer(
+    variant: SD3Variant,
+    *,
+    in_channels: int = LATENT_CHANNELS,
+    patch_size: int = 2,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 8,
+    text_width: int = T5_WIDTH,
+    pooled_width: int = sum(CLIP_WIDTHS),
+) -> SD3Transformer2DModel:
     sd35 = variant == "sd3.5"
     return SD3Transformer2DModel(
         sample_size=8,
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=T5_WIDTH,
-        caption_projection_dim=16,  # = heads * head dim: text tokens join the image tokens' attention
-        pooled_projection_dim=sum(CLIP_WIDTHS),
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_width,
+        caption_projection_dim=heads * head_dim,  # text tokens join the image tokens' attention
+        pooled_projection_dim=pooled_width,
         pos_embed_max_size=8,
         dual_attention_layers=(0,) if sd35 else (),
         qk_norm="rms_norm" if sd35 else None,
@@ -97,17 +107,17 @@ def build_flow_vae(*, scaling_factor: float = VAE_SCALING_FACTOR, shift_factor: 
     )
 
 
-def _build_clip(width: int) -> CLIPTextModelWithProjection:
-    return CLIPTextModelWithProjection(text_config(hidden_size=width, num_layers=2, num_heads=2, vocab_size=None, projection_dim=width))
+def _build_clip(width: int, heads: int = 2) -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(text_config(hidden_size=width, num_layers=2, num_heads=heads, vocab_size=None, projection_dim=width))
 
 
-def build_t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
+def build_t5(tokenizer: T5Tokenizer, *, width: int = T5_WIDTH, num_layers: int = 1) -> T5EncoderModel:
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=T5_WIDTH,
-        d_kv=8,
-        d_ff=64,
-        num_layers=1,
+        d_model=width,
+        d_kv=width // 4,
+        d_ff=2 * width,
+        num_layers=num_layers,
         num_heads=4,
         relative_attention_num_buckets=8,
         feed_forward_proj="gated-gelu",  # T5 v1.1, the encoder SD3 ships
@@ -116,6 +126,15 @@ def build_t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     return T5EncoderModel(config)
+
+
+def save_sd3_pipeline(directory: str | os.PathLike, **components) -> Path:
+    """Write a ``StableDiffusion3Pipeline`` directory (safetensors) from its nine components; returns it."""
+    directory = Path(directory)
+    StableDiffusion3Pipeline(**components).save_pretrained(directory, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        save_tokenizer(build_tokenizer(), directory / sub)
+    return directory
 
 
 def build_random_sd3_pipeline(directory: str | os.PathLike, *, seed: int = 0, variant: SD3Variant = "sd3.5") -> Path:
@@ -127,7 +146,8 @@ def build_random_sd3_pipeline(directory: str | os.PathLike, *, seed: int = 0, va
         raise ValueError(f"variant {variant!r} is not one of 'sd3', 'sd3.5'")
     torch.manual_seed(seed)
     t5_tokenizer = build_t5_tokenizer()
-    pipeline = StableDiffusion3Pipeline(
+    return save_sd3_pipeline(
+        directory,
         transformer=_build_transformer(variant),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=build_flow_vae(),
@@ -138,8 +158,49 @@ def build_random_sd3_pipeline(directory: str | os.PathLike, *, seed: int = 0, va
         text_encoder_3=build_t5(t5_tokenizer),
         tokenizer_3=t5_tokenizer,
     )
-    directory = Path(directory)
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
-        save_tokenizer(build_tokenizer(), directory / sub)
-    return directory
+
+
+TOY_TEXT_TOKENS = 16
+"""T5 tokens per caption of the embedded toy flow model (its T5 tokenizer's ``model_max_length``,
+which the flow policy takes as its default): a toy caption is at most 7 words, one token each,
+plus the end marker."""
+
+TOY_WIDTH = 64
+"""The embedded toy flow model's widths: T5 and the transformer's inner width; each CLIP encoder has half."""
+
+
+def build_toy_sd3_parts(vae: AutoencoderKL) -> dict:
+    """The untrained components of the embedded toy flow model around the toy world's ``vae``.
+
+    An SD 3.5-style MMDiT (RMS-normalised queries and keys, a second image-only attention in
+    the first block) of 6 blocks, 64 features in 4 heads, over the 4-channel 8 x 8 latents of
+    the toy UNet model's autoencoder in 2 x 2 patches, as SD3's (16 image tokens of 8 x 8
+    pixels: a shape covers about four); two CLIP text encoders of 32 features and a 2-layer
+    T5 of 64. The
+    scheduler is SD3's flow-matching Euler scheduler without a timestep shift: SD3's shift
+    of 3 is for 128 x 128 latents, where far more noise is needed to erase an image.
+    """
+    channels = vae.config.latent_channels
+    t5_tokenizer = build_t5_tokenizer()
+    t5_tokenizer.model_max_length = TOY_TEXT_TOKENS
+    clip_width = TOY_WIDTH // 2
+    return {
+        "transformer": _build_transformer(
+            "sd3.5",
+            in_channels=channels,
+            patch_size=2,
+            num_layers=6,
+            heads=4,
+            head_dim=TOY_WIDTH // 4,
+            text_width=TOY_WIDTH,
+            pooled_width=2 * clip_width,
+        ),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        "vae": vae,
+        "text_encoder": _build_clip(clip_width, heads=4),
+        "tokenizer": build_tokenizer(),
+        "text_encoder_2": _build_clip(clip_width, heads=4),
+        "tokenizer_2": build_tokenizer(),
+        "text_encoder_3": build_t5(t5_tokenizer, width=TOY_WIDTH, num_layers=2),
+        "tokenizer_3": t5_tokenizer,
+    }

@@ -207,17 +207,42 @@ def test_make_toy_model_writes_a_loadable_sd_pipeline(tmp_path):
     assert negative.returncode == 2 and "--unet-lr-horizon must be >= 0" in negative.stderr
 
 
+def test_make_toy_model_family_sd3_writes_a_flow_pipeline_the_flow_policy_loads(tmp_path):
+    out = tmp_path / "toy-sd3"
+    result = rayalign("make-toy-model", "--family", "sd3", "--output", out, "--steps", 2, "--lr-horizon", 10, "--images-per-prompt", 1)
+    assert result.returncode == 0, result.stderr
+    assert "wrote toy flow pipeline" in result.stdout
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    report = json.loads((out / "pretrain_report.json").read_text())
+    assert report["family"] == "sd3" and report["steps"] == 2 and report["lr_horizon"] == 10
+
+    from actors.diffusion.flow_policy import FlowPolicy
+
+    policy = FlowPolicy.from_pretrained(out, finetune="full", device="cpu")
+    assert policy.max_sequence_length == 16  # the toy T5 tokenizer's length, not the pipeline's 256
+    assert policy.vae.config.latent_channels == 4 and policy.vae.config.shift_factor == 0.0
+    _, images = policy.sample(["a red circle on the left"], seeds=[0], num_steps=2)
+    assert images.shape == (1, 32, 32, 3)
+    # The other family's flags are refused by name.
+    wrong = rayalign("make-toy-model", "--family", "sd3", "--output", tmp_path / "other", "--unet-steps", 5)
+    assert wrong.returncode == 2 and "--unet-steps is for --family sd; --family sd3 takes" in wrong.stderr
+
+
 def test_make_toy_model_help_quotes_the_real_defaults():
-    # The CLI does not import the pretraining module to build its parser; its help text
-    # states the defaults, which must be PretrainArgs' own.
+    # The CLI does not import the pretraining modules to build its parser; its help text
+    # states the defaults, which must be PretrainArgs' and FlowPretrainArgs' own.
+    from actors.toy.flow_pretrain import FlowPretrainArgs
     from actors.toy.pretrain import PretrainArgs
     from jobs.cli import build_parser
 
-    defaults = PretrainArgs(output="x")
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     helps = {a.dest: a.help for a in subparsers.choices["make-toy-model"]._actions}
+    defaults = PretrainArgs(output="x")
     for name in ("seed", "vae_steps", "unet_steps", "unet_lr_horizon", "images_per_prompt"):
         assert f"(default {getattr(defaults, name)})" in helps[name], name
+    flow_defaults = FlowPretrainArgs(output="x")
+    for name in ("seed", "steps", "lr_horizon", "images_per_prompt"):
+        assert f"(default {getattr(flow_defaults, name)})" in helps[name], name
 
 
 def test_convert_reward_then_eval_with_a_model_reward(tiny_pipeline_dir, tiny_reward_models, tmp_path):

@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from actors.diffusion.policy import DiffusionPolicy
+from actors.diffusion.flow_policy import FlowPolicy
+from actors.diffusion.policy import DiffusionPolicy, pretrained_policy
 from actors.evaluate import evaluate
 from actors.rewards.registry import build_reward
 from actors.toy import world as toy_world
 from actors.toy.model import embedded_model_path
+from orchestrator.config import load_preset
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +58,43 @@ def test_images_show_a_shape_on_the_background(policy):
     assert np.median(np.linalg.norm(corners - background, axis=1)) < 40  # corners are background
     detections = [toy_world.detect(img) for img in images]
     assert sum(d.shape is not None for d in detections) >= 4  # most images contain a readable shape
+
+
+# ---------------------------------------------------------------------- the toy flow model (toy-sd3)
+
+CHANCE = {"color": 1 / 6, "shape": 1 / 3, "position": 1 / 5}
+"""Accuracy of a guess per attribute: 6 colours, 3 shapes, 5 positions."""
+
+
+def test_the_flow_model_is_a_small_safetensors_sd3_pipeline():
+    root = embedded_model_path("toy-sd3")
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3", "scheduler"):
+        assert (root / component).is_dir()
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 * 1024
+    assert json.loads((root / "pretrain_report.json").read_text())["family"] == "sd3"
+
+
+def test_the_flow_model_loads_by_name_and_follows_every_attribute_partly():
+    policy = pretrained_policy("toy-sd3", finetune="full", device="cpu")  # the name model.path may give
+    assert isinstance(policy, FlowPolicy) and policy.max_sequence_length == 16
+    sampling = load_preset("toy-flow-grpo").sampling  # the sampler RL starts from, on the training prompts
+    result = evaluate(
+        policy,
+        toy_world.train_prompts(),
+        build_reward("toy_fidelity"),
+        num_per_prompt=2,
+        seed=0,
+        num_steps=sampling.num_steps,
+        eta=sampling.eta,
+        guidance_scale=sampling.guidance_scale,
+        batch_size=48,
+        progress=False,
+    )
+    for attribute, chance in CHANCE.items():
+        accuracy = result.info[f"toy_fidelity/{attribute}_acc"]
+        # above chance, so RL sees reward differences in it, and short of perfect, so there is headroom
+        assert chance + 0.05 < accuracy < 0.95, f"{attribute} accuracy {accuracy:.2f} (chance {chance:.2f})"

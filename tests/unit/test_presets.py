@@ -6,7 +6,7 @@ from orchestrator.config import load_preset, preset_names
 
 
 def test_the_promised_presets_exist():
-    assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "quickstart"} <= set(preset_names())
+    assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "toy-flow-grpo", "quickstart"} <= set(preset_names())
 
 
 GPU_PRESETS = ["sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo", "sd35m-pickscore-grpo", "flux-dev-hpsv2-grpo"]
@@ -19,7 +19,7 @@ def test_preset_loads_and_splits_evenly(name):
     cfg = load_preset(name)
     assert cfg.train.samples_per_epoch % (cfg.learner.num_workers * cfg.learner.micro_batch_size) == 0
     if name not in GPU_PRESETS:
-        assert cfg.model.path is None  # the toy presets run on the embedded model
+        assert cfg.model.path in (None, "toy-sd3")  # the toy presets run on an embedded model
 
 
 def test_real_model_presets_validate_without_weights_and_ask_for_gpus():
@@ -83,3 +83,12 @@ def test_overrides_apply_to_presets_and_unknown_names_list_the_valid_ones():
     assert load_preset("quickstart", ["train.epochs=3"]).train.epochs == 3
     with pytest.raises(ValueError, match="unknown preset 'toy'.*quickstart"):
         load_preset("toy")
+
+
+def test_toy_flow_grpo_trains_the_embedded_flow_model_with_flow_grpo_on_cpu():
+    cfg = load_preset("toy-flow-grpo")
+    assert cfg.model.path == "toy-sd3" and cfg.model.dtype == "float32" and cfg.model.device == "auto"
+    assert cfg.train.advantage == "group" and cfg.train.samples_per_prompt > 1
+    assert [c.name for c in cfg.reward.components] == ["toy_fidelity"]
+    assert 0 < cfg.sampling.eta < 1  # the Flow-GRPO SDE's noise level
+    assert cfg.learner.num_gpus_per_worker == 0 and cfg.pools.rollout.num_gpus == 0
