@@ -68,10 +68,10 @@ class FlowMatchingPolicy(AdaptedPolicy):
         self.transformer = module
 
     # ------------------------------------------------------------------ what a family provides
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image's latents, as the trajectories record them."""
-        raise NotImplementedError
+    latent_shape: tuple[int, int, int]
+    """(C, H, W) of one image's latents, as the trajectories record them; set by the subclass from
+    the transformer's config while it is a diffusers model (a learner later wraps it in DeepSpeed's
+    engine, whose ``config`` is DeepSpeed's)."""
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """``num_steps + 1`` descending float32 sigmas from 1 to a final 0."""

@@ -84,13 +84,10 @@ class FlowPolicy(FlowMatchingPolicy):
                 "it samples with SD3's static shift (scheduler_config.json: use_dynamic_shifting false, shift)"
             )
         super().__init__(scheduler=scheduler, family=family, max_sequence_length=max_sequence_length, **parts)
+        config = self.transformer.config
+        self.latent_shape = (config.in_channels, config.sample_size, config.sample_size)
         self.shift = float(scheduler.config.shift)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.transformer.config.sample_size
-        return self.transformer.config.in_channels, size, size
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """SD3's schedule: the scheduler's static ``shift`` (:func:`actors.diffusion.flow.flow_sigmas`)."""

@@ -213,12 +213,10 @@ class FluxPolicy(FlowMatchingPolicy):
             )
         super().__init__(scheduler=scheduler, image_size=image_size, family=family, max_sequence_length=max_sequence_length, **parts)
         self.vae_scale_factor = vae_scale_factor
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the unpacked latents of one image."""
-        side = self.image_size // self.vae_scale_factor
-        return self.transformer.config.in_channels // 4, side, side
+        side = image_size // vae_scale_factor
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)  # unpacked
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+        """FLUX.1-dev's distilled guidance is a transformer input; schnell has none."""
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """FLUX's schedule for this image size (:func:`flux_sigmas`)."""
@@ -356,7 +354,7 @@ class FluxPolicy(FlowMatchingPolicy):
         batch, _, height, width = latents.shape
         text_positions = torch.zeros(condition.embeds.shape[1], 3)
         guidance = None
-        if self.transformer.config.guidance_embeds:
+        if self.guidance_embeds:
             guidance = torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
         output = self.transformer(
             hidden_states=pack_latents(latents.to(self.device)).to(self.dtype),

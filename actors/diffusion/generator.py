@@ -178,7 +178,13 @@ class ImageGenerator:
         directory = Path(directory)
         raw, state_dict = read_lora(directory)
         version = adapter_version(directory)
-        config = LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], target_modules=raw["target_modules"], lora_dropout=0.0)
+        config = LoraConfig(
+            r=raw["r"],
+            lora_alpha=raw["lora_alpha"],
+            target_modules=raw["target_modules"],
+            exclude_modules=raw.get("exclude_modules"),  # FLUX: its final proj_out, whose name a target shares
+            lora_dropout=0.0,
+        )
         name = f"serve_{self._swaps + 1}"
         unet = self.policy.unet
         with self._lock:

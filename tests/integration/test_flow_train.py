@@ -111,7 +111,13 @@ def test_the_adapter_loads_into_the_diffusers_pipeline_as_rayalign_reads_it(fami
     assert (ours - plain).abs().max() > 0  # the trained adapter acts
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)  # same layers, same scale
     generated = pipe(
-        PROMPT, num_inference_steps=2, max_sequence_length=T5_TOKENS, output_type="np", generator=torch.Generator().manual_seed(0)
+        PROMPT,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=T5_TOKENS,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
     )
     assert generated.images.shape == (1, 32, 32, 3) and np.isfinite(generated.images).all()
 

@@ -31,10 +31,10 @@ def run(ray_cluster, tiny_pipeline_dir, tmp_path_factory):
     return run
 
 
-def test_the_adapter_records_its_sampler_settings(run):
+def test_the_adapter_records_its_sampler_settings_and_model(run, tiny_pipeline_dir):
     from orchestrator.rundir import resolve_lora_dir
 
-    assert json.loads((resolve_lora_dir(run) / SAMPLING_FILE).read_text()) == TRAINED
+    assert json.loads((resolve_lora_dir(run) / SAMPLING_FILE).read_text()) == {**TRAINED, "model": str(tiny_pipeline_dir)}
 
 
 def eval_run(pipeline, lora, out, *flags):
