@@ -241,9 +241,11 @@ def _lost_worker(error: BaseException, pool_actors: set[str]) -> str | None:
     an error of the run itself (a bad value, a pool actor past its restarts), which a restart would repeat."""
     for current in _causes(error):
         failures = getattr(current, "worker_failures", None)
-        for rank, failure in sorted(failures.items()) if isinstance(failures, dict) else []:
-            failure = getattr(failure, "health_check_failure", failure)  # Ray Train's wrapper of a worker found dead
-            text = str(failure)
+        for rank, reported in sorted(failures.items()) if isinstance(failures, dict) else []:
+            failure = getattr(reported, "health_check_failure", reported)  # Ray Train's wrapper of a worker found dead
+            # The wrapper's text names the worker's class ("Worker(actor=Actor(RayTrainWorker, ...)") and holds the
+            # failure's; the failure alone may not (an ActorUnavailableError says only "The actor <id> is unavailable").
+            text = str(reported)
             died = isinstance(failure, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))
             # Ray names the dead actor's class and id in the message (a system death carries no actor_id attribute).
             if died and "RayTrainWorker" in text and not any(actor in text for actor in pool_actors):
