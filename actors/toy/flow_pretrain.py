@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from actors.toy import model as toy_model
 from actors.toy import sd3 as toy_sd3
-from actors.toy.pretrain import ToyPretrainArgs, drop_captions, ema_update, encode_latents, render_dataset, warmup_cosine
+from actors.toy.pretrain import ToyPretrainArgs, drop_captions, ema_update, encode_latents, render_dataset, start, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +81,7 @@ def flow_matching_loss(transformer, pipeline: StableDiffusion3Pipeline, x0: torc
 def pretrain_flow(args: FlowPretrainArgs) -> dict:
     """Train the toy flow pipeline and save it to ``args.output``; returns a report dict."""
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"output directory {output} is not empty; choose a new path or remove it")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = start(args)
     started = time.perf_counter()
 
     prompts, pixels = render_dataset(args.images_per_prompt, args.seed)

@@ -85,6 +85,17 @@ def drop_captions(captions: list[str], fraction: float, generator: torch.Generat
     return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
+def start(args: ToyPretrainArgs) -> torch.Generator:
+    """Refuse a non-empty output directory, set torch's threads and seed; the job's generator."""
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"output directory {output} is not empty; choose a new path or remove it")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    return torch.Generator().manual_seed(args.seed)
+
+
 def render_dataset(images_per_prompt: int, seed: int) -> tuple[list[str], torch.Tensor]:
     """Ground-truth renders of every training caption: the captions and (N, 3, 32, 32) pixels in [-1, 1]."""
     prompts = [p for p in toy_world.train_prompts() for _ in range(images_per_prompt)]
@@ -187,12 +198,7 @@ def train_denoiser(
 def pretrain(args: PretrainArgs) -> dict:
     """Train the toy pipeline and save it to ``args.output``; returns a report dict."""
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"output directory {output} is not empty; choose a new path or remove it")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = start(args)
     started = time.perf_counter()
 
     prompts, pixels = render_dataset(args.images_per_prompt, args.seed)
