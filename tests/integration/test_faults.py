@@ -90,7 +90,9 @@ def test_losing_the_rollout_node_and_a_learner_killed_mid_checkpoint_leave_the_r
     # In epoch 2, the node running the rollout actor is removed (its raylet and every process on it
     # killed) in the middle of a sampling call; Ray restarts the actor on the other worker node and
     # runs the call again there. Then the learner is SIGKILLed while it writes checkpoint 2: the
-    # group restarts from checkpoint 1, and the half-written checkpoint is never used.
+    # group restarts from checkpoint 1, and the half-written checkpoint is never used. The learner
+    # is kept on the head node so that losing the rollout node does not also take it (that would
+    # be a different fault, and the kill below would find a process already gone).
     run = tmp_path / "run"
     injected: dict = {}
 
@@ -108,7 +110,11 @@ def test_losing_the_rollout_node_and_a_learner_killed_mid_checkpoint_leave_the_r
     thread = threading.Thread(target=inject, daemon=True)
     thread.start()
     try:
-        train(slow_sampling(tiny_pipeline_dir, **{"pools.rollout.node_labels": "{rayalign-test/node: '!head'}"}), run, progress=False)
+        config = slow_sampling(
+            tiny_pipeline_dir,
+            **{"pools.rollout.node_labels": "{rayalign-test/node: '!head'}", "learner.resources_per_worker": "{node_head: 1}"},
+        )
+        train(config, run, progress=False)
         thread.join(timeout=30)
     finally:
         if "node" in injected:
