@@ -33,6 +33,8 @@ class EvalResult:
     per_prompt: dict[str, float]
     images: np.ndarray
     """(prompts * num_per_prompt, H, W, 3) uint8, grouped by prompt."""
+    scores: np.ndarray
+    """(prompts * num_per_prompt,) each image's reward, in the order of ``images``."""
     info: dict[str, float]
     seconds: float
     images_per_second: float
@@ -83,6 +85,7 @@ def evaluate(
         std=float(all_scores.std()),
         per_prompt=per_prompt,
         images=np.concatenate(images),
+        scores=all_scores,
         info=info,
         seconds=seconds,
         images_per_second=len(jobs) / seconds,

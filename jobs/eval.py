@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-from actors.diffusion.images import encode_png, make_grid
+from actors.diffusion.images import encode_png, grid_labels, make_labelled_grid
 from actors.diffusion.policy import pretrained_policy
 from actors.evaluate import evaluate
 from actors.prompts import read_prompts
@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     }
     output.write_text(json.dumps(report, indent=2) + "\n")
     grid = Location(output.uri[: -len(".json")] + ".png")
-    grid.write_bytes(encode_png(make_grid(result.images, columns=args.num_per_prompt)))
+    # One prompt per row, captioned, each image's reward under it.
+    image = make_labelled_grid(result.images, captions=prompts, scores=result.scores, columns=args.num_per_prompt)
+    grid.write_bytes(encode_png(image, text=grid_labels(prompts, result.scores)))
     print(
         f"{reward.name}: mean {result.mean:.4f} (std {result.std:.4f}) over {len(prompts)} prompts x {args.num_per_prompt} images "
         f"[{result.images_per_second:.1f} images/s]"

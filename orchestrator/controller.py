@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.diffusion.images import make_grid, save_png
+from actors.diffusion.images import grid_labels, make_labelled_grid, save_png
 from actors.prompts import read_prompts
 from actors.rl.advantages import PerPromptStatTracker
 from orchestrator.config import Config
@@ -338,10 +338,13 @@ class Controller:
         chunks = self._chunks(prompts, seeds)
         images = [self._sample_call(p, s, self.policy_version, self.weights_ref)[2] for p, s in chunks]
         scored = ray.get([self._score_call(img, p, k)[1] for k, (img, (p, _)) in enumerate(zip(images, chunks))])
+        rewards = np.concatenate([s for s, _, _ in scored])  # (prompts * per_prompt,), grouped by prompt
         grid = self.run.image_grid(epoch)
-        save_png(make_grid(np.concatenate(ray.get(images)), columns=per_prompt * 3), self.run.workdir / grid)
+        # One prompt per row, captioned, each image's reward under it.
+        image = make_labelled_grid(np.concatenate(ray.get(images)), captions=self.eval_prompts, scores=rewards, columns=per_prompt)
+        save_png(image, self.run.workdir / grid, text=grid_labels(self.eval_prompts, rewards))
         self.run.publish(grid)
-        return {"eval/reward_mean": float(np.concatenate([s for s, _, _ in scored]).mean())}
+        return {"eval/reward_mean": float(rewards.mean())}
 
     def record(
         self,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from actors.diffusion.images import read_grid_labels
 from actors.toy import world as toy_world
 from tests.helpers.cli import rayalign
 
@@ -39,6 +40,10 @@ def test_eval_writes_scores_and_grid(tiny_pipeline_dir, tmp_path):
     assert f"mean {report['mean']:.4f}" in result.stdout
     grid = np.asarray(Image.open(out.with_suffix(".png")))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] > grid.shape[0]  # 2 rows x 3 columns
+    # Labelled: one row per prompt, the images' rewards under them (stored in the PNG too).
+    captions, scores = read_grid_labels(out.with_suffix(".png").read_bytes())
+    assert captions == ["a red circle on the left", "an orange square at the top"] and len(scores) == 6
+    assert np.mean(scores[:3]) == pytest.approx(report["per_prompt"][captions[0]])
 
     again = tmp_path / "again.json"
     assert (
@@ -79,7 +84,7 @@ def test_eval_writes_its_report_and_grid_to_object_storage(s3, tiny_pipeline_dir
 
 def test_eval_with_an_adapter_samples_what_the_unmerged_adapter_samples(tiny_pipeline_dir, tmp_path):
     # eval folds the adapter into the weights for speed; its images must be the adapter's own.
-    from actors.diffusion.images import make_grid
+    from actors.diffusion.images import make_labelled_grid
     from actors.diffusion.policy import DiffusionPolicy
     from actors.evaluate import evaluate
     from actors.rewards.registry import build_reward
@@ -127,7 +132,7 @@ def test_eval_with_an_adapter_samples_what_the_unmerged_adapter_samples(tiny_pip
         batch_size=4,
         progress=False,
     )
-    grid = np.asarray(make_grid(expected.images, columns=2), dtype=np.int16)
+    grid = np.asarray(make_labelled_grid(expected.images, captions=prompts, scores=expected.scores, columns=2), dtype=np.int16)
     assert np.abs(adapted - grid).max() <= 1  # float rounding may move a pixel by one level
 
 
