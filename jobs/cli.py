@@ -278,6 +278,24 @@ def _add_submit(subparsers) -> None:
     p.set_defaults(module="jobs.submit")
 
 
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write one self-contained HTML page of a run's (or a sweep's) curves, image grids and config",
+        description="Plot a run's metrics.jsonl (reward and its components, gold and held-out rewards, KL, clipping, IS "
+        "ratio, ESS and staleness, time per pool, samples/s, learning rate), show its image grids and config, in one "
+        "HTML file that opens offline. Several runs, or a sweep's trials, are drawn on the same axes.",
+    )
+    p.add_argument("run", help="a run directory (--output-dir of `rayalign train`) or a sweep directory, local or a URI")
+    p.add_argument(
+        "--compare", nargs="+", default=[], metavar="RUN", help="more runs (or sweeps) to draw on the same axes, each named in the legend"
+    )
+    p.add_argument("--output", help="the HTML file to write, a path or a URI (default: RUN/report.html; required for a URI run)")
+    p.add_argument("--max-grids", type=int, default=6, help="most image grids per run, evenly spread, first and last kept (default 6)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stderr is not a terminal)")
+    p.set_defaults(module="jobs.report.command")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayalign", description="Align text-to-image diffusion models with RL on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -290,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_reward(subparsers)
     _add_sweep(subparsers)
     _add_submit(subparsers)
+    _add_report(subparsers)
     return parser
 
 
