@@ -1,4 +1,4 @@
-"""``rayalign report`` of a real 2-epoch run, both made with the CLI, opened in headless Chromium."""
+"""``rayalign report`` (the CLI) of a real 2-epoch run on the session's cluster, opened in headless Chromium."""
 
 import shutil
 
@@ -8,8 +8,8 @@ from PIL import Image
 
 from actors.diffusion.images import read_grid_labels
 from actors.toy import world as toy_world
-from orchestrator.config import dump_yaml
 from orchestrator.metrics import read_metrics
+from orchestrator.run import train
 from tests.helpers.cli import rayalign
 from tests.helpers.runs import tiny_config
 from tests.integration.test_serve import CHROMIUM_FLAGS
@@ -17,17 +17,15 @@ from tests.integration.test_serve import CHROMIUM_FLAGS
 SECTIONS = ("reward", "gold", "eval", "policy", "async", "time", "lr", "images", "other", "config")
 
 
-def test_report_of_a_real_run_opens_in_chromium(tiny_pipeline_dir, tmp_path):
+def test_report_of_a_real_run_opens_in_chromium(ray_cluster, tiny_pipeline_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
     prompts = tmp_path / "heldout.txt"
     prompts.write_text("\n".join(toy_world.held_out_prompts()[:3]) + "\n")
     # The tiny pipeline, scored by the toy reward (its per-attribute accuracies are plotted), evaluated every epoch.
     config = tiny_config(tiny_pipeline_dir, reward="toy_fidelity", **{"train.eval_every": 1, "train.eval_prompts": prompts})
-    dump_yaml(config, tmp_path / "config.yaml")
     run = tmp_path / "run"
-    trained = rayalign("train", "--config", tmp_path / "config.yaml", "--output-dir", run, "--no-progress")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    train(config, run, progress=False)
 
     # Every grid the run wrote is labelled: the prompt of each row, the reward of each image.
     captions, scores = read_grid_labels((run / "images" / "epoch_0002.png").read_bytes())
