@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
@@ -25,6 +26,22 @@ from actors.diffusion.families import PromptEmbeddings
 from actors.diffusion.files import Family
 from actors.diffusion.lora import read_lora
 from actors.diffusion.trajectory import Trajectories, as_tensor
+
+
+def load_vae(path, *, torch_dtype: torch.dtype, common: dict, config: dict | None = None) -> AutoencoderKL:
+    """The pipeline's VAE, loaded with ``common`` (:func:`actors.diffusion.devices.load_settings`). One whose
+    config says ``force_upcast`` (SDXL's, SD3's) decodes in float32 when the rest is float16, where it overflows."""
+    config = AutoencoderKL.load_config(path, subfolder="vae") if config is None else config
+    vae_dtype = torch.float32 if torch_dtype == torch.float16 and config.get("force_upcast") else torch_dtype
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
+
+
+def freeze_on(device: torch.device, *modules) -> None:
+    """Every module (None ones skipped) frozen, in eval mode, on ``device``: what a policy starts from."""
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(device).eval()
 
 
 class AdaptedPolicy:
@@ -76,6 +93,28 @@ class AdaptedPolicy:
         self._negative_embeds: PromptEmbeddings | None = None
         self._premerge_weights: dict[str, torch.Tensor] | None = None
         """While the adapter is merged (:meth:`merge_lora`): each adapted layer's own weight, on the CPU."""
+
+    def _finish_loading(
+        self,
+        *,
+        finetune: str,
+        lora_path: str | os.PathLike | None,
+        lora_rank: int,
+        lora_alpha: float,
+        lora_target_modules: Sequence[str] | None,
+        lora_dropout: float,
+        gradient_checkpointing: bool,
+    ) -> None:
+        """The last step of every ``from_pretrained``: the adapter from ``lora_path``, else a fresh one
+        (``finetune: lora``) or the whole network trainable (``full``); then gradient checkpointing."""
+        if lora_path is not None:
+            self.load_lora(lora_path)
+        elif finetune == "lora":
+            self.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
+        else:
+            self.unet.requires_grad_(True)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
 
     @property
     def text_encoder(self):

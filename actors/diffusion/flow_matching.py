@@ -11,7 +11,10 @@ window. They differ in what a subclass provides:
   resolution-dependent one);
 - :meth:`FlowMatchingPolicy.step_velocity`: the conditioning and the transformer call
   (classifier-free guidance for SD3, distilled guidance and packed latents for FLUX);
-- :attr:`FlowMatchingPolicy.latent_shape`, ``encode_prompts`` and ``from_pretrained``.
+- :attr:`FlowMatchingPolicy.latent_shape` and ``encode_prompts``;
+- what :meth:`FlowMatchingPolicy.from_pretrained` loads: the transformer class, the text
+  encoders (:meth:`FlowMatchingPolicy._load_text_encoders`), the checks of their
+  widths against the transformer's, and the T5 lengths.
 
 :class:`~actors.diffusion.trajectory.Trajectories` records sigmas, not integer timesteps:
 ``timesteps[i]`` is the sigma a step starts from and ``prev_timesteps[i]`` the one it
@@ -26,14 +29,37 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from actors.diffusion import ddim, flow
-from actors.diffusion.adapted import AdaptedPolicy
+from actors.diffusion.adapted import AdaptedPolicy, freeze_on, load_vae
+from actors.diffusion.devices import load_settings
 from actors.diffusion.families import PromptEmbeddings
+from actors.diffusion.files import FLUX, SD3, Family, check_pipeline_dir, detect_family
 from actors.diffusion.lora import write_lora
 from actors.diffusion.trajectory import Trajectories
+from actors.storage import fetch
+
+MMDIT_LORA_TARGETS: tuple[str, ...] = (
+    # joint attention: image-stream projections, text-stream projections ("add_"), both outputs
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    # feed-forward of the image stream and of the text stream
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+"""Every linear layer of an MMDiT block's attention and feed-forward parts, as diffusers names
+them in SD3's blocks and in FLUX's double-stream blocks."""
 
 
 class FlowMatchingPolicy(AdaptedPolicy):
@@ -50,6 +76,14 @@ class FlowMatchingPolicy(AdaptedPolicy):
     """A module path (a full match) never adapted, though a target name reaches it."""
     MODEL_NAME = "flow"
     """The model family in messages ("SD3", "FLUX")."""
+    FAMILY: Family
+    """The pipeline directories this class loads."""
+    TRANSFORMER_CLASS: type
+    """The diffusers transformer class of :attr:`FAMILY`."""
+    DEFAULT_MAX_SEQUENCE_LENGTH: int
+    """T5 tokens per caption when none is given: the diffusers pipeline's default."""
+    MAX_SEQUENCE_LENGTH: int | None = None
+    """The most T5 tokens the model was trained with, where the model defines one."""
 
     def __init__(self, *, transformer, max_sequence_length: int, **parts):
         """``parts``: :class:`AdaptedPolicy`'s fields."""
@@ -57,6 +91,122 @@ class FlowMatchingPolicy(AdaptedPolicy):
         super().__init__(**parts)
         self.max_sequence_length = max_sequence_length
         """T5 tokens per caption."""
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: Sequence[str] | None = None,
+        lora_dropout: float = 0.0,
+        dtype: str = "float32",
+        device: str = "auto",
+        lora_path: str | os.PathLike | None = None,
+        unet_only: bool = False,
+        gradient_checkpointing: bool = False,
+        unet_path: str | os.PathLike | None = None,
+        max_sequence_length: int | None = None,
+        **options,
+    ):
+        """Load a pipeline directory of :attr:`FAMILY` (local or a URI); attach a fresh LoRA or one from ``lora_path``.
+
+        The arguments mean what they mean for ``DiffusionPolicy.from_pretrained``: ``unet_only``
+        loads the transformer alone (no VAE, no text encoders: a learner's or reference actor's
+        copy, which reads the conditioning from recorded trajectories) and ``unet_path``
+        replaces the pipeline's transformer with a diffusers transformer folder (a fully
+        fine-tuned run's). ``max_sequence_length`` is the number of T5 tokens per caption; None
+        means the pipeline's default (:attr:`DEFAULT_MAX_SEQUENCE_LENGTH`), or the T5 tokenizer's
+        ``model_max_length`` where that is shorter (the embedded toy flow model's: 16).
+        ``lora_target_modules`` None adapts :attr:`LORA_TARGETS`. ``options`` are the family's own
+        (:meth:`_size_arguments`).
+        """
+        path = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
+        family = detect_family(path)
+        if family is not cls.FAMILY:
+            runs_it = {SD3: "FlowPolicy", FLUX: "FluxPolicy"}.get(family, "DiffusionPolicy (a DDIM model)")
+            raise ValueError(
+                f"model path {str(path)!r} holds a {family.name} pipeline: load it with {runs_it}, or with "
+                f"pretrained_policy/load_policy, which pick the class; {cls.__name__} runs {cls.FAMILY.name} "
+                f"({cls.FAMILY.pipeline_classes[0]})"
+            )
+        torch_dtype, torch_device, common = load_settings(dtype=dtype, finetune=finetune, device=device)
+        cls._check_sequence_length(max_sequence_length)
+        vae_config = AutoencoderKL.load_config(path, subfolder="vae")  # a learner reads it without loading the VAE
+        if unet_path is not None:
+            transformer = cls.TRANSFORMER_CLASS.from_pretrained(fetch(unet_path, "models", keep_parent=True), **common)
+        else:
+            transformer = cls.TRANSFORMER_CLASS.from_pretrained(path, subfolder=family.denoiser, **common)
+        cls._check_latents(transformer.config, vae_config)
+        vae, text_encoders, tokenizers = None, [], []
+        if not unet_only:
+            vae = load_vae(path, torch_dtype=torch_dtype, common=common, config=vae_config)
+            text_encoders, tokenizers = cls._load_text_encoders(path, common)
+            cls._check_conditioning(transformer.config, text_encoders)
+        if max_sequence_length is None:
+            t5_length = tokenizers[-1].model_max_length if tokenizers else cls.DEFAULT_MAX_SEQUENCE_LENGTH  # T5 comes last
+            max_sequence_length = min(cls.DEFAULT_MAX_SEQUENCE_LENGTH, t5_length)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        freeze_on(torch_device, transformer, vae, *text_encoders)
+        policy = cls(
+            transformer=transformer,
+            vae=vae,
+            text_encoders=text_encoders,
+            tokenizers=tokenizers,
+            scheduler=scheduler,
+            device=torch_device,
+            dtype=torch_dtype,
+            family=family,
+            max_sequence_length=max_sequence_length,
+            **cls._size_arguments(path, transformer.config, vae_config, **options),
+        )
+        policy._finish_loading(
+            finetune=finetune,
+            lora_path=lora_path,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_dropout=lora_dropout,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        return policy
+
+    @classmethod
+    def _check_sequence_length(cls, max_sequence_length: int | None) -> None:
+        if max_sequence_length is None:
+            return
+        pipeline = cls.FAMILY.pipeline_classes[0]
+        if cls.MAX_SEQUENCE_LENGTH is None and max_sequence_length < 1:
+            raise ValueError(
+                f"max_sequence_length must be >= 1 T5 token, got {max_sequence_length} ({pipeline} uses {cls.DEFAULT_MAX_SEQUENCE_LENGTH})"
+            )
+        if cls.MAX_SEQUENCE_LENGTH is not None and not 1 <= max_sequence_length <= cls.MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"max_sequence_length must be between 1 and {cls.MAX_SEQUENCE_LENGTH} T5 tokens ({cls.MODEL_NAME}'s training "
+                f"length), got {max_sequence_length}; {pipeline} uses {cls.DEFAULT_MAX_SEQUENCE_LENGTH}"
+            )
+
+    @classmethod
+    def _load_text_encoders(cls, path, common: dict) -> tuple[list, list]:
+        """The family's text encoders and their tokenizers, in the pipeline's order (T5 last)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_conditioning(transformer_config, text_encoders: Sequence) -> None:
+        """Fail at load when the text encoders' widths are not the ones the transformer takes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_latents(transformer_config, vae_config: dict) -> None:
+        """Fail at load when the transformer does not read the VAE's latents (nothing to check by default)."""
+
+    @classmethod
+    def _size_arguments(cls, path, transformer_config, vae_config: dict, **options) -> dict:
+        """The image-size arguments of the constructor, from the loaded configs and the family's ``options``."""
+        raise NotImplementedError
 
     @property
     def unet(self):

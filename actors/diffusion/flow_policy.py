@@ -26,39 +26,21 @@ the transformer only (``unet_only``) and read these from the recorded trajectori
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from actors.diffusion import flow
-from actors.diffusion.devices import load_settings
 from actors.diffusion.families import PromptEmbeddings, guided
-from actors.diffusion.files import SD3, Family, check_pipeline_dir, detect_family, vae_scale_factor
-from actors.diffusion.flow_matching import FlowMatchingPolicy
-from actors.storage import fetch
+from actors.diffusion.files import SD3, Family, vae_scale_factor
+from actors.diffusion.flow_matching import MMDIT_LORA_TARGETS, FlowMatchingPolicy
 
 logger = logging.getLogger(__name__)
 
-SD3_LORA_TARGETS: tuple[str, ...] = (
-    # joint attention: image-stream projections, text-stream projections ("add_"), both outputs
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    # feed-forward of the image stream and of the text stream
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
+SD3_LORA_TARGETS: tuple[str, ...] = MMDIT_LORA_TARGETS
 """LoRA targets for ``SD3Transformer2DModel``: every linear layer of the MMDiT blocks' attention and
 feed-forward parts. Short names match by suffix, so SD 3.5's second attention (``attn2``) is adapted too."""
 
@@ -75,6 +57,9 @@ class FlowPolicy(FlowMatchingPolicy):
     NETWORK = "SD3 transformer"
     LORA_TARGETS = SD3_LORA_TARGETS
     MODEL_NAME = "SD3"
+    FAMILY = SD3
+    TRANSFORMER_CLASS = SD3Transformer2DModel
+    DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_SEQUENCE_LENGTH
 
     def __init__(self, *, scheduler, family: Family = SD3, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH, **parts):
         """``parts``: the transformer and :class:`AdaptedPolicy`'s fields; the text encoders are CLIP-L, CLIP-G and T5."""
@@ -93,97 +78,32 @@ class FlowPolicy(FlowMatchingPolicy):
         """SD3's schedule: the scheduler's static ``shift`` (:func:`actors.diffusion.flow.flow_sigmas`)."""
         return flow.flow_sigmas(num_steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading (FlowMatchingPolicy.from_pretrained)
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        finetune: str = "lora",
-        lora_rank: int = 4,
-        lora_alpha: float = 4.0,
-        lora_target_modules: Sequence[str] | None = None,
-        lora_dropout: float = 0.0,
-        dtype: str = "float32",
-        device: str = "auto",
-        lora_path: str | os.PathLike | None = None,
-        unet_only: bool = False,
-        gradient_checkpointing: bool = False,
-        unet_path: str | os.PathLike | None = None,
-        max_sequence_length: int | None = None,
-    ) -> "FlowPolicy":
-        """Load an SD3 pipeline directory (local or a URI); attach a fresh LoRA or one from ``lora_path``.
+    def _load_text_encoders(cls, path, common: dict) -> tuple[list, list]:
+        """CLIP-L and CLIP-G, both with their text projections (the pooled vector), then T5."""
+        (clip_l_tok, clip_l), (clip_g_tok, clip_g), (t5_tok, t5) = SD3.text_encoders
+        text_encoders = [
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder=clip_l, **common),
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder=clip_g, **common),
+            T5EncoderModel.from_pretrained(path, subfolder=t5, **common),
+        ]
+        # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=clip_l_tok),
+            CLIPTokenizer.from_pretrained(path, subfolder=clip_g_tok),
+            AutoTokenizer.from_pretrained(path, subfolder=t5_tok),
+        ]
+        return text_encoders, tokenizers
 
-        The arguments mean what they mean for ``DiffusionPolicy.from_pretrained``: ``unet_only``
-        loads the transformer alone (no VAE, no text encoders) and ``unet_path`` replaces the
-        pipeline's transformer with a diffusers ``SD3Transformer2DModel`` folder (a fully
-        fine-tuned run's). ``max_sequence_length`` is the number of T5 tokens per caption; None
-        means the pipeline's default, 256, or the T5 tokenizer's ``model_max_length`` where that
-        is shorter (the embedded toy flow model's: 16).
-        ``lora_target_modules`` None adapts :data:`SD3_LORA_TARGETS`.
-        """
-        path = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
-        family = detect_family(path)
-        if family is not SD3:
-            runs_it = "FluxPolicy" if family.flow_matching else "DiffusionPolicy (a DDIM model)"
-            raise ValueError(
-                f"model path {str(path)!r} holds a {family.name} pipeline: load it with {runs_it}, or with "
-                "pretrained_policy/load_policy, which pick the class; FlowPolicy runs sd3 (StableDiffusion3Pipeline)"
-            )
-        torch_dtype, torch_device, common = load_settings(dtype=dtype, finetune=finetune, device=device)
-        if max_sequence_length is not None and max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be >= 1 T5 token, got {max_sequence_length} (SD3's pipeline uses 256)")
-        if unet_path is not None:
-            transformer = SD3Transformer2DModel.from_pretrained(fetch(unet_path, "models", keep_parent=True), **common)
-        else:
-            transformer = SD3Transformer2DModel.from_pretrained(path, subfolder=family.denoiser, **common)
-        vae, text_encoders, tokenizers = None, [], []
-        if not unet_only:
-            vae_config = AutoencoderKL.load_config(path, subfolder="vae")
-            vae_dtype = torch.float32 if torch_dtype == torch.float16 and vae_config.get("force_upcast") else torch_dtype
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
-            (clip_l_tok, clip_l), (clip_g_tok, clip_g), (t5_tok, t5) = family.text_encoders
-            text_encoders = [
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder=clip_l, **common),
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder=clip_g, **common),
-                T5EncoderModel.from_pretrained(path, subfolder=t5, **common),
-            ]
-            # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
-            tokenizers = [
-                CLIPTokenizer.from_pretrained(path, subfolder=clip_l_tok),
-                CLIPTokenizer.from_pretrained(path, subfolder=clip_g_tok),
-                AutoTokenizer.from_pretrained(path, subfolder=t5_tok),
-            ]
-            check_conditioning(transformer.config, text_encoders)
-        if max_sequence_length is None:
-            t5_length = tokenizers[2].model_max_length if tokenizers else DEFAULT_MAX_SEQUENCE_LENGTH
-            max_sequence_length = min(DEFAULT_MAX_SEQUENCE_LENGTH, t5_length)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        for module in (transformer, vae, *text_encoders):
-            if module is not None:
-                module.requires_grad_(False)
-                module.to(torch_device).eval()
-        policy = cls(
-            transformer=transformer,
-            vae=vae,
-            text_encoders=text_encoders,
-            tokenizers=tokenizers,
-            scheduler=scheduler,
-            device=torch_device,
-            dtype=torch_dtype,
-            family=family,
-            image_size=transformer.config.sample_size * vae_scale_factor(path),
-            max_sequence_length=max_sequence_length,
-        )
-        if lora_path is not None:
-            policy.load_lora(lora_path)
-        elif finetune == "lora":
-            policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
-        else:
-            transformer.requires_grad_(True)
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        return policy
+    @staticmethod
+    def _check_conditioning(transformer_config, text_encoders: Sequence) -> None:
+        check_conditioning(transformer_config, text_encoders)
+
+    @classmethod
+    def _size_arguments(cls, path, transformer_config, vae_config: dict) -> dict:
+        """SD3 samples at the size it was trained for: the transformer's latent side times the VAE's factor."""
+        return {"image_size": transformer_config.sample_size * vae_scale_factor(path)}
 
     # ------------------------------------------------------------------ text and pixels
     @torch.no_grad()

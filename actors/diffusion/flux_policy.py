@@ -30,47 +30,28 @@ Flow-GRPO's noise level ``a`` (Liu et al. 2025, arXiv 2505.05470).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-from actors.diffusion.devices import load_settings
 from actors.diffusion.families import PromptEmbeddings
-from actors.diffusion.files import FLUX, Family, check_pipeline_dir, detect_family, vae_scale_factor
-from actors.diffusion.flow_matching import FlowMatchingPolicy
-from actors.storage import fetch
+from actors.diffusion.files import FLUX, Family, vae_scale_factor
+from actors.diffusion.flow_matching import MMDIT_LORA_TARGETS, FlowMatchingPolicy
 
 logger = logging.getLogger(__name__)
 
-FLUX_LORA_TARGETS: tuple[str, ...] = (
-    # double-stream blocks: image-stream and text-stream ("add_") attention projections, both outputs
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    # double-stream blocks: feed-forward of the image stream and of the text stream
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
+FLUX_LORA_TARGETS: tuple[str, ...] = MMDIT_LORA_TARGETS + (
     # single-stream blocks: q/k/v are the names above; the MLP's input and the joint attention + MLP output
     "proj_mlp",
     "proj_out",
 )
 """LoRA targets for ``FluxTransformer2DModel``: every linear layer of both block types' attention and
-feed-forward parts. Short names match by suffix."""
+feed-forward parts (the double-stream blocks are MMDiT blocks). Short names match by suffix."""
 
 NEVER_ADAPTED = "proj_out"
 """A regular expression (full match on the module's path) for layers no LoRA is put on: the transformer's
@@ -193,6 +174,10 @@ class FluxPolicy(FlowMatchingPolicy):
     LORA_TARGETS = FLUX_LORA_TARGETS
     LORA_EXCLUDED = NEVER_ADAPTED
     MODEL_NAME = "FLUX"
+    FAMILY = FLUX
+    TRANSFORMER_CLASS = FluxTransformer2DModel
+    DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_SEQUENCE_LENGTH
+    MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
 
     def __init__(
         self,
@@ -223,97 +208,35 @@ class FluxPolicy(FlowMatchingPolicy):
         _, height, width = self.latent_shape
         return flux_sigmas(num_steps, image_seq_len=(height // 2) * (width // 2), scheduler_config=self.scheduler.config)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading (FlowMatchingPolicy.from_pretrained)
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        finetune: str = "lora",
-        lora_rank: int = 4,
-        lora_alpha: float = 4.0,
-        lora_target_modules: Sequence[str] | None = None,
-        lora_dropout: float = 0.0,
-        dtype: str = "float32",
-        device: str = "auto",
-        lora_path: str | os.PathLike | None = None,
-        unet_only: bool = False,
-        gradient_checkpointing: bool = False,
-        unet_path: str | os.PathLike | None = None,
-        max_sequence_length: int | None = None,
-        image_size: int | None = None,
-    ) -> "FluxPolicy":
-        """Load a FLUX.1 pipeline directory (local or a URI); attach a fresh LoRA or one from ``lora_path``.
+    def _load_text_encoders(cls, path, common: dict) -> tuple[list, list]:
+        """CLIP-L (its pooled output, no projection), then T5."""
+        (clip_tok, clip), (t5_tok, t5) = FLUX.text_encoders
+        text_encoders = [
+            CLIPTextModel.from_pretrained(path, subfolder=clip, **common),
+            T5EncoderModel.from_pretrained(path, subfolder=t5, **common),
+        ]
+        # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=clip_tok), AutoTokenizer.from_pretrained(path, subfolder=t5_tok)]
+        return text_encoders, tokenizers
 
-        The arguments mean what they mean for ``FlowPolicy.from_pretrained``: ``unet_only`` loads
-        the transformer alone and ``unet_path`` replaces the pipeline's transformer with a diffusers
-        ``FluxTransformer2DModel`` folder. ``max_sequence_length`` is the number of T5 tokens per
-        caption (None: 512, or the T5 tokenizer's ``model_max_length`` where that is shorter).
-        ``image_size`` (pixels, square) defaults to the VAE's ``sample_size``: 1024 for FLUX.1.
-        ``lora_target_modules`` None adapts :data:`FLUX_LORA_TARGETS`.
-        """
-        path = check_pipeline_dir(fetch(path, "models"))  # a URI is downloaded once per node
-        family = detect_family(path)
-        if family is not FLUX:
-            policy_class = "FlowPolicy" if family.flow_matching else "DiffusionPolicy"
-            raise ValueError(
-                f"model path {str(path)!r} holds a {family.name} pipeline: load it with {policy_class}; "
-                "FluxPolicy runs FLUX.1 pipelines (flux: FluxPipeline)"
-            )
-        torch_dtype, torch_device, common = load_settings(dtype=dtype, finetune=finetune, device=device)
-        if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
-            raise ValueError(
-                f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} T5 tokens (FLUX.1's training length), "
-                f"got {max_sequence_length}; FluxPipeline uses 512"
-            )
-        vae_config = json.loads((Path(path) / "vae" / "config.json").read_text())  # a learner reads it without loading the VAE
-        if unet_path is not None:
-            transformer = FluxTransformer2DModel.from_pretrained(fetch(unet_path, "models", keep_parent=True), **common)
-        else:
-            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder=family.denoiser, **common)
-        check_latent_channels(transformer.config, vae_config)
-        vae, text_encoders, tokenizers = None, [], []
-        if not unet_only:
-            vae_dtype = torch.float32 if torch_dtype == torch.float16 and vae_config.get("force_upcast") else torch_dtype
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
-            (clip_tok, clip), (t5_tok, t5) = family.text_encoders
-            text_encoders = [
-                CLIPTextModel.from_pretrained(path, subfolder=clip, **common),
-                T5EncoderModel.from_pretrained(path, subfolder=t5, **common),
-            ]
-            # AutoTokenizer: T5's tokenizer class differs between transformers versions (slow/fast, sentencepiece or not)
-            tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=clip_tok), AutoTokenizer.from_pretrained(path, subfolder=t5_tok)]
-            check_conditioning(transformer.config, text_encoders)
-        if max_sequence_length is None:
-            t5_length = tokenizers[1].model_max_length if tokenizers else DEFAULT_MAX_SEQUENCE_LENGTH
-            max_sequence_length = min(DEFAULT_MAX_SEQUENCE_LENGTH, t5_length)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        for module in (transformer, vae, *text_encoders):
-            if module is not None:
-                module.requires_grad_(False)
-                module.to(torch_device).eval()
-        policy = cls(
-            transformer=transformer,
-            vae=vae,
-            text_encoders=text_encoders,
-            tokenizers=tokenizers,
-            scheduler=scheduler,
-            device=torch_device,
-            dtype=torch_dtype,
-            image_size=image_size if image_size is not None else int(vae_config["sample_size"]),
-            vae_scale_factor=vae_scale_factor(path),
-            family=family,
-            max_sequence_length=max_sequence_length,
-        )
-        if lora_path is not None:
-            policy.load_lora(lora_path)
-        elif finetune == "lora":
-            policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
-        else:
-            transformer.requires_grad_(True)
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        return policy
+    @staticmethod
+    def _check_conditioning(transformer_config, text_encoders: Sequence) -> None:
+        check_conditioning(transformer_config, text_encoders)
+
+    @staticmethod
+    def _check_latents(transformer_config, vae_config: dict) -> None:
+        check_latent_channels(transformer_config, vae_config)
+
+    @classmethod
+    def _size_arguments(cls, path, transformer_config, vae_config: dict, image_size: int | None = None) -> dict:
+        """``image_size`` (pixels, square; ``from_pretrained(image_size=...)``) defaults to the VAE's
+        ``sample_size``: 1024 for FLUX.1. FLUX's transformer has no fixed latent size."""
+        return {
+            "image_size": image_size if image_size is not None else int(vae_config["sample_size"]),
+            "vae_scale_factor": vae_scale_factor(path),
+        }
 
     # ------------------------------------------------------------------ text and pixels
     @torch.no_grad()

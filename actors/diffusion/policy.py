@@ -26,12 +26,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from actors.diffusion import ddim, families
-from actors.diffusion.adapted import AdaptedPolicy
+from actors.diffusion.adapted import AdaptedPolicy, freeze_on, load_vae
 from actors.diffusion.devices import load_settings
 from actors.diffusion.families import PromptEmbeddings, guided
 from actors.diffusion.files import FLUX, SD, SDXL, Family, check_pipeline_dir, detect_family, read_pipeline_options, vae_scale_factor
@@ -107,10 +107,7 @@ class DiffusionPolicy(AdaptedPolicy):
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
         vae, text_encoders, tokenizers = None, [], []
         if not unet_only:
-            # A VAE marked force_upcast (SDXL's) overflows in float16: it decodes in float32.
-            vae_config = AutoencoderKL.load_config(path, subfolder="vae")
-            vae_dtype = torch.float32 if torch_dtype == torch.float16 and vae_config.get("force_upcast") else torch_dtype
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype})
+            vae = load_vae(path, torch_dtype=torch_dtype, common=common)
             for index, (tokenizer_dir, encoder_dir) in enumerate(family.text_encoders):
                 # SDXL's second encoder also has the text projection that gives the pooled embedding.
                 encoder_cls = CLIPTextModelWithProjection if family is SDXL and index == 1 else CLIPTextModel
@@ -120,10 +117,7 @@ class DiffusionPolicy(AdaptedPolicy):
                 families.check_added_conditioning(unet.config, pooled_dim=text_encoders[1].config.projection_dim)
         # Whatever scheduler the checkpoint ships (SD 1.5 ships PNDM, SDXL Euler), sampling is DDIM with its noise schedule.
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        for module in (unet, vae, *text_encoders):
-            if module is not None:
-                module.requires_grad_(False)
-                module.to(torch_device).eval()
+        freeze_on(torch_device, unet, vae, *text_encoders)
         options = read_pipeline_options(path)
         policy = cls(
             unet=unet,
@@ -137,14 +131,15 @@ class DiffusionPolicy(AdaptedPolicy):
             image_size=unet.config.sample_size * vae_scale_factor(path),
             force_zeros_for_empty_prompt=bool(options.get("force_zeros_for_empty_prompt", False)),
         )
-        if lora_path is not None:
-            policy.load_lora(lora_path)
-        elif finetune == "lora":
-            policy.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules, dropout=lora_dropout)
-        else:
-            unet.requires_grad_(True)
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        policy._finish_loading(
+            finetune=finetune,
+            lora_path=lora_path,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_dropout=lora_dropout,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         return policy
 
     def add_lora(self, *, rank: int, alpha: float, target_modules: Sequence[str] | None = None, dropout: float = 0.0) -> None:
