@@ -59,26 +59,26 @@ def lora_of(run) -> dict[str, np.ndarray]:
 def test_a_run_over_three_nodes_into_object_storage_resumes_from_it_and_equals_one_node(ray_cluster, s3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a URI mistaken for a path would show up here as a directory named "s3:"
     uri = f"s3://{BUCKET}/runs/multinode"
-    train(toy(3, *SPREAD), uri, progress=False)
+    train(toy(2, *SPREAD), uri, progress=False)
     first = read_metrics(uri)
-    assert [m["epoch"] for m in first] == [1, 2, 3]
+    assert [m["epoch"] for m in first] == [1, 2]
     # Every pool's 2 actors and the 2 learners ran on different nodes.
     assert {key: first[0][f"nodes/{key}"] for key in ("rollout", "reward", "reference", "learner")} == dict.fromkeys(
         ("rollout", "reward", "reference", "learner"), 2.0
     )
     # Each learner rank wrote its own DeepSpeed partition straight into the bucket; the marker came last.
-    keys = s3.keys("runs/multinode/checkpoints/epoch_0003/")
+    keys = s3.keys("runs/multinode/checkpoints/epoch_0002/")
     assert any("zero_pp_rank_0_" in k for k in keys) and any("zero_pp_rank_1_" in k for k in keys)
-    assert "runs/multinode/checkpoints/epoch_0003/COMPLETE" in keys and "runs/multinode/checkpoints/latest" in s3.keys(
+    assert "runs/multinode/checkpoints/epoch_0002/COMPLETE" in keys and "runs/multinode/checkpoints/latest" in s3.keys(
         "runs/multinode/checkpoints/l"
     )
-    train(toy(5, *SPREAD), uri, resume=True, progress=False)  # every rank reads the checkpoint from the bucket
+    train(toy(3, *SPREAD), uri, resume=True, progress=False)  # every rank reads the checkpoint from the bucket
     assert not list(tmp_path.iterdir())  # nothing written to the local directory
 
     local = tmp_path.parent / "one-node"
-    train(toy(5, *ON_HEAD), local, progress=False)
+    train(toy(3, *ON_HEAD), local, progress=False)
     a, b = read_metrics(uri), read_metrics(local)
-    assert [m["epoch"] for m in a] == [1, 2, 3, 4, 5] and b[0]["nodes/rollout"] == b[0]["nodes/learner"] == 1.0
+    assert [m["epoch"] for m in a] == [1, 2, 3] and b[0]["nodes/rollout"] == b[0]["nodes/learner"] == 1.0
     assert_same_training(a, b, lora_of(uri), lora_of(local))
 
 
@@ -131,7 +131,9 @@ def test_least_loaded_dispatch_gives_a_slow_actor_fewer_chunks_and_round_robin_e
     for per_actor in calls("round-robin", **{"pools.rollout.dispatch": "round_robin"}):
         assert per_actor == [4, 4, 4, 4], per_actor  # equal shares: the epoch waits for the slow actor's 4
     for slow, *fast in calls("least-loaded"):
-        assert slow + sum(fast) == 16 and slow < min(fast), (slow, fast)
+        # Fewer than its round-robin share (expected about 2 of 16; the fast actors share the
+        # rest, unevenly when the machine is busy, so they are not compared with each other).
+        assert slow + sum(fast) == 16 and slow < 4, (slow, fast)
 
 
 def test_a_sweep_writes_its_trials_and_results_to_object_storage_and_resumes_from_it(ray_cluster, s3, tmp_path, monkeypatch):

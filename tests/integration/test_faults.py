@@ -128,12 +128,15 @@ def test_losing_the_rollout_node_and_a_learner_killed_mid_checkpoint_leave_the_r
 
 
 def test_a_pool_actor_dying_more_times_in_a_row_than_max_restarts_stops_the_run_naming_it(ray_cluster, tiny_pipeline_dir, tmp_path):
-    # Killed in a sampling call, then again in the same call run again after the restart.
+    # Killed in a sampling call, then again in the same call run again after the restart. The
+    # calls are made 30x longer (a few seconds) so that the second kill lands inside the re-run
+    # call even when the machine is busy; the run stops at that kill, so this costs little.
     thread, killed = killing(SAMPLING, times=2)
     with pytest.raises(
         ValueError, match=r"rollout actor 0 died 2 times in a row without finishing a call, more than pools.max_restarts = 1"
     ):
-        train(slow_sampling(tiny_pipeline_dir, **{"pools.max_restarts": 1}), tmp_path / "run", progress=False)
+        config = slow_sampling(tiny_pipeline_dir, **{"pools.max_restarts": 1, "pools.rollout.slowdown": "[30]"})
+        train(config, tmp_path / "run", progress=False)
     thread.join(timeout=5)
     assert len(killed) == 2
 
