@@ -71,7 +71,7 @@ def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="score a model (optionally with a LoRA) on a prompt file")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
-        "--lora", help="LoRA adapter: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory"
+        "--lora", help="LoRA adapter: a run directory (its checkpoints/best, else its latest), a checkpoint, or an adapter directory"
     )
     p.add_argument(
         "--prompts", required=True, help="text file, one prompt per line; or a built-in set: animals, toy-train, toy-heldout, toy-all"
@@ -133,7 +133,7 @@ def _add_server_flags(p) -> None:
     )
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
-        "--lora", help="LoRA to serve: a training run directory (its latest checkpoint), a checkpoint directory, or an adapter directory"
+        "--lora", help="LoRA to serve: a run directory (its checkpoints/best, else its latest), a checkpoint, or an adapter directory"
     )
     p.add_argument("--replicas", type=int, help="number of replicas, each with a copy of the model (default 1)")
     p.add_argument("--max-batch-size", type=int, help="most images per denoising batch (default 16)")

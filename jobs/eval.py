@@ -18,7 +18,7 @@ from actors.storage import Location
 from jobs.console import quiet_library_progress
 from jobs.sampling import choose_sampling, default_sampler
 from orchestrator.config import SamplingConfig, apply_overrides
-from orchestrator.rundir import resolve_lora_dir, resolve_model, trained_sampling
+from orchestrator.rundir import lora_choice, resolve_lora_dir, resolve_model, trained_sampling
 
 logger = logging.getLogger("rayalign")
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
 
     quiet_library_progress()
-    lora = resolve_lora_dir(args.lora) if args.lora else None
+    adapter, chosen_adapter = lora_choice(args.lora) if args.lora else (None, None)
+    lora = resolve_lora_dir(adapter.uri) if adapter is not None else None
     # a fully fine-tuned run: its base model and trained UNet; no --model: the adapter's base model
     model_path, unet = resolve_model(args.model, lora)
     unet_path = unet.uri if unet is not None else None
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         f"{reward.name}: mean {result.mean:.4f} (std {result.std:.4f}) over {len(prompts)} prompts x {args.num_per_prompt} images "
         f"[{result.images_per_second:.1f} images/s]"
     )
+    if chosen_adapter:
+        print(f"adapter: {chosen_adapter}")  # a run's best checkpoint, or its latest
     print(f"sampled with {chosen.settings.describe()} ({chosen.origin()})")
     print(f"wrote {output} and {grid}")
     return 0

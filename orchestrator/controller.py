@@ -28,10 +28,12 @@ from orchestrator.epoch import (
     compute_advantages,
     epoch_metrics,
     epoch_prompts,
+    mean_info,
     sampling_busy,
     shard_descriptor,
     shard_rows,
 )
+from orchestrator.guards import GuardState, after_epoch
 from orchestrator.metrics import MetricsWriter, memory_stats, object_store_bytes
 from orchestrator.pools import Pools, RestartGuard
 from orchestrator.replay import (
@@ -79,6 +81,7 @@ class Controller:
         self.samples_seen = 0
         self.policy_version = 0
         self.weights_ref = None
+        self.guards = GuardState.start(cfg.train)
         self._store_peak = 0.0
         self.incarnations: dict[tuple[str, int], int] = {}
         # The driver started the pools before the learner group (they load meanwhile); wait for them here.
@@ -97,6 +100,8 @@ class Controller:
             self.tracker.load_state_dict(state["stat_tracker"])
             self.samples_seen = state["samples_seen"]
             self.policy_version = state["policy_version"]
+            if "guards" in state:  # a checkpoint written before the guards has none: beta starts from train.beta
+                self.guards = GuardState.from_dict(state["guards"])
             self._restore_replay(checkpoint, state)
         self.metrics = MetricsWriter(run, resume_epoch=state["epoch"] if state else None)
 
@@ -117,10 +122,10 @@ class Controller:
         pool.track(index, timing)
         return index, trajectories, images, timing
 
-    def _score_call(self, images: Any, prompts: list[str], batch_index: int) -> tuple[int, Any]:
+    def _score_call(self, images: Any, prompts: list[str], batch_index: int, *, gold: bool = False) -> tuple[int, Any]:
         pool = self.pools.reward
         index = pool.acquire()
-        scored = pool.actors[index].score.remote(images, prompts, batch_index)
+        scored = pool.actors[index].score.remote(images, prompts, batch_index, gold=gold)
         pool.track(index, scored)
         return index, scored
 
@@ -253,13 +258,7 @@ class Controller:
         advantages, advantage_info = compute_advantages(rewards, prompts, cfg.train, self.tracker)
         faults["faults/dropped_samples"] = float(np.isnan(rewards).sum())
         sizes = [len(p) for p, _ in launched.chunks]
-        keys = dict.fromkeys(key for _, i, _ in scored for key in i)  # a batch dropped whole reports none
-        info = {
-            key: float(
-                np.average([i[key] for _, i, _ in scored if key in i], weights=[n for n, (_, i, _) in zip(sizes, scored) if key in i])
-            )
-            for key in keys
-        }
+        info = mean_info([i for _, i, _ in scored], sizes)
         busy = sampling_busy(
             timing,
             [c["actor"] for c in calls],
@@ -304,7 +303,11 @@ class Controller:
         # A multiple of what the learners split evenly, with whole accumulation windows.
         selected = self.replay.select(self.cfg.samples_per_update, multiple_of=shard * self.cfg.learner.gradient_accumulation_steps)
         self.replay.evict(learner_version=learner_version)
-        shards = [shard_descriptor(selected, rows, self.chunk_refs) for rows in shard_rows(len(selected), world_size)]
+        # DPOK's beta travels with each update: the controller adapts it (train.kl_target), the learners use it.
+        shards = [
+            {**shard_descriptor(selected, rows, self.chunk_refs), "beta": self.guards.beta}
+            for rows in shard_rows(len(selected), world_size)
+        ]
         ray.get(self.hub.put.remote(epoch, shards))
         self.progress(epoch=epoch, phase="learn")
         # The store is fullest now: this batch, and in async mode the next one being sampled.
@@ -331,20 +334,48 @@ class Controller:
         return time.perf_counter() - started, int(sum(a.nbytes for a in weights.values()))
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Sample the eval prompts with fixed seeds, score them, save an image grid."""
+        """Sample the eval prompts with fixed seeds, score them (and with the gold reward), save an image grid."""
         per_prompt = 2
         prompts = [p for p in self.eval_prompts for _ in range(per_prompt)]
         seeds = [int(s) for s in np.random.SeedSequence([self.cfg.seed, 0, 2]).generate_state(len(prompts), dtype=np.uint32)]
         chunks = self._chunks(prompts, seeds)
         images = [self._sample_call(p, s, self.policy_version, self.weights_ref)[2] for p, s in chunks]
         scored = ray.get([self._score_call(img, p, k)[1] for k, (img, (p, _)) in enumerate(zip(images, chunks))])
+        gold = (
+            ray.get([self._score_call(img, p, k, gold=True)[1] for k, (img, (p, _)) in enumerate(zip(images, chunks))])
+            if self.cfg.train.gold_reward is not None
+            else None
+        )
         rewards = np.concatenate([s for s, _, _ in scored])  # (prompts * per_prompt,), grouped by prompt
         grid = self.run.image_grid(epoch)
         # One prompt per row, captioned, each image's reward under it.
         image = make_labelled_grid(np.concatenate(ray.get(images)), captions=self.eval_prompts, scores=rewards, columns=per_prompt)
         save_png(image, self.run.workdir / grid, text=grid_labels(self.eval_prompts, rewards))
         self.run.publish(grid)
-        return {"eval/reward_mean": float(rewards.mean())}
+        metrics = {"eval/reward_mean": float(rewards.mean())}
+        if gold is not None:
+            scores = np.concatenate([s for s, _, _ in gold])  # (prompts * per_prompt,); NaN: dropped by its on_invalid
+            metrics["gold/mean"] = float(np.nanmean(scores))
+            metrics["gold/std"] = float(np.nanstd(scores))
+            metrics.update({f"gold/{key}": value for key, value in mean_info([i for _, i, _ in gold], [len(p) for p, _ in chunks]).items()})
+        return metrics
+
+    def watch(self, epoch: int, learn_stats: dict[str, float], eval_metrics: dict[str, float], *, checkpointed: bool) -> str | None:
+        """The guards after ``epoch`` (:func:`orchestrator.guards.after_epoch`): adapt beta for the next update,
+        keep the best checkpoint, and say why the run stops now (None: it goes on)."""
+        gold = eval_metrics.get("gold/mean")
+        self.guards = after_epoch(
+            self.guards,
+            self.cfg.train,
+            epoch=epoch,
+            kl=learn_stats.get("kl/mean", float("nan")),
+            gold=gold if gold is not None and np.isfinite(gold) else None,
+            checkpointed=checkpointed,
+        )
+        if self.guards.stopped_epoch == epoch:
+            logger.info("early stop after epoch %d: %s", epoch, self.guards.reason)
+            return self.guards.reason
+        return None
 
     def record(
         self,
@@ -407,6 +438,7 @@ class Controller:
             "policy_version": self.policy_version,
             "samples_seen": self.samples_seen,
             "stat_tracker": self.tracker.state_dict(),
+            "guards": self.guards.to_dict(),  # beta for the next update, the best checkpoint, an early stop
             "replay": {"entries": len(self.replay), "prefetched": self.prefetched.meta() if self.prefetched else None},
             # No generator state to save: every random stream (prompts, sampling noise,
             # learner shuffles, dropout) is derived from (seed, epoch, rank), so the epoch

@@ -84,6 +84,16 @@ def compute_advantages(
     return clip_advantages(advantages, train.adv_clip_max).astype(np.float32), info
 
 
+def mean_info(infos: Sequence[dict[str, float]], sizes: Sequence[int]) -> dict[str, float]:
+    """The per-batch means of a reward's diagnostics (``infos[b]`` of a batch of ``sizes[b]`` images) as
+    means over all images; a batch without a key (dropped whole) does not count towards it."""
+    keys = dict.fromkeys(key for info in infos for key in info)
+    return {
+        key: float(np.average([info[key] for info in infos if key in info], weights=[n for n, info in zip(sizes, infos) if key in info]))
+        for key in keys
+    }
+
+
 def sampling_busy(
     rollout_timings: Sequence[dict[str, float]],
     rollout_actor_of_call: Sequence[int],

@@ -60,6 +60,15 @@ def _gather_node_ids(world_size: int) -> list[str]:
     return nodes
 
 
+def _from_rank0(value: str | None, world_size: int) -> str | None:
+    """Rank 0's ``value`` on every rank (a plain string: no ObjectRefs cross collectives)."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
@@ -107,7 +116,7 @@ def _write_checkpoint(
         controller.write_replay(checkpoint)
         checkpoint.state.write_text(json.dumps(controller.state(epoch), indent=2) + "\n")
         checkpoint.config.write_text(config_to_yaml(cfg))
-        rundir.commit_checkpoint(run, checkpoint, keep=cfg.train.keep_checkpoints)
+        rundir.commit_checkpoint(run, checkpoint, keep=cfg.train.keep_checkpoints, best=controller.guards.best_epoch == epoch)
         logger.info("checkpoint %s written", checkpoint.location)
     _barrier(world_size)
 
@@ -140,6 +149,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             learner.engine.load_checkpoint(str(local), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
         state = resume_from.read_state()
         start_epoch = state["epoch"]
+    # A run that train.early_stop ended is finished, as one that ran all its epochs: --resume trains no more.
+    last_epoch = start_epoch if state is not None and (state.get("guards") or {}).get("stopped_epoch") else cfg.train.epochs
 
     learner_ready = time.time()
     learner_nodes = _gather_node_ids(world_size)
@@ -171,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     pending: Launched | None = None
     try:
-        for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        for epoch in range(start_epoch + 1, last_epoch + 1):
             epoch_started = time.perf_counter()
             if controller is not None:
                 batch = controller.next_batch(epoch, pending)
@@ -179,7 +190,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # update, while they update (one version of lag, corrected by IS weights).
                 pending = controller.launch(epoch + 1) if asynchronous and epoch < cfg.train.epochs else None
                 replay_stats = controller.publish(epoch, batch, world_size)
-            shard, advantages, ref_means, versions = fetch_shard(ray.get(hub.get.remote(epoch, rank)))
+            descriptor = ray.get(hub.get.remote(epoch, rank))
+            shard, advantages, ref_means, versions = fetch_shard(descriptor)
 
             learn_started = time.perf_counter()
             stats = learner.train_epoch(
@@ -190,6 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 versions=versions,
                 learner_version=epoch - 1,
                 is_truncation=cfg.replay.is_truncation,
+                beta=descriptor["beta"],
             )
             stats = _all_reduce_mean(stats, world_size)
             learn_s = time.perf_counter() - learn_started
@@ -197,6 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             weights = learner.trainable_state()  # a collective under ZeRO-3
             checkpointing = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
+            stop = None
             if controller is not None:
                 sync_s, sync_bytes = controller.sync(weights, version=epoch, wait=not asynchronous)
                 eval_metrics = (
@@ -204,6 +218,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if cfg.train.eval_every and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs)
                     else {}
                 )
+                stop = controller.watch(epoch, stats, eval_metrics, checkpointed=checkpointing)  # beta, the best, early stop
+            if cfg.train.early_stop is not None:
+                # Rank 0 decides (it alone holds the gold reward); every rank writes the last checkpoint and leaves.
+                stop = _from_rank0(stop, world_size)
+                checkpointing = checkpointing or stop is not None
+            if controller is not None:
                 if checkpointing:
                     controller.prefetch(pending)
                     pending = None
@@ -228,6 +248,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     controller.checkpointed()
             if controller is not None:
                 controller.announce(recorded)
+            if stop is not None:
+                break
     finally:
         if controller is not None:
             controller.close()

@@ -357,7 +357,7 @@ def create_pools(cfg, *, uses_reference: bool) -> Pools:
         "reward",
         RewardWorker,
         cfg.pools.reward,
-        lambda i: ((cfg.reward,), {"num_threads": threads_for(cfg.pools.reward.num_cpus)}),
+        lambda i: ((cfg.reward,), {"gold": cfg.train.gold_reward, "num_threads": threads_for(cfg.pools.reward.num_cpus)}),
         max_restarts=restarts,
     )
     reference = None

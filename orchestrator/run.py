@@ -30,6 +30,7 @@ from actors.toy.model import resolve_model_path
 from orchestrator import rundir
 from orchestrator.cluster import NAMESPACE, connect
 from orchestrator.config import Config, config_to_yaml, to_dict
+from orchestrator.guards import read_end_line
 from orchestrator.hub import ShardHub
 from orchestrator.metrics import summary_line
 from orchestrator.pools import check_fits, create_pools, demands, threads_for
@@ -112,6 +113,8 @@ def check_names(cfg: Config, *, external_cluster: bool = False) -> None:
                 "ODE steps outside) is for flow-matching models (sd3, flux): set sampling.sde_window: null"
             )
     build_reward_from_config(cfg.reward).check()
+    if cfg.train.gold_reward is not None:
+        build_reward_from_config(cfg.train.gold_reward).check()
     read_prompts(cfg.train.prompts)
     if cfg.train.eval_every:
         read_prompts(cfg.train.eval_prompts)
@@ -200,6 +203,9 @@ def train(
     finally:
         pools.shutdown()
         ray.kill(hub)
+    end = read_end_line(run, cfg.train) if cfg.train.early_stop is not None else None
+    if end:
+        print(end, flush=True)  # why the run ended and which checkpoint is best
     return run.root.uri
 
 

@@ -19,6 +19,7 @@ This module is the one place that spells the layout; everything else asks it::
                 replay.parquet, prefetched.parquet   the replay buffer; async mode's next epoch
             epoch_0006/        a write in progress (or one that was killed): no COMPLETE, ignored
             latest             name of the newest complete checkpoint
+            best               name of the best one (train.early_stop only), never pruned
 
 ``RUN`` is a local directory or an object-store URI (``s3://bucket/runs/r1``): every file
 goes through :class:`~actors.storage.Location`. Object stores cannot rename, so a checkpoint
@@ -26,7 +27,9 @@ is made complete by a marker written last: rank 0 first clears ``epoch_N/`` (the
 first, so a re-written epoch is never complete while half new), then every learner rank
 writes its own DeepSpeed partition straight into it, rank 0 the rest, and only then the
 ``COMPLETE`` marker and the ``latest`` pointer (each one object, written whole). A killed
-write leaves a checkpoint without its marker, which readers skip.
+write leaves a checkpoint without its marker, which readers skip. A run with
+``train.early_stop`` also points ``best`` at the checkpoint it keeps (see
+:mod:`orchestrator.guards`); ``--lora RUN`` and ``--model RUN`` take that one when it exists.
 
 The files a run appends to while it runs (metrics, TensorBoard events, image grids) are
 written in a local working directory (the run directory itself when it is local) and
@@ -61,6 +64,8 @@ CHECKPOINTS_DIR = "checkpoints"
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
+"""Beside ``latest``: the checkpoint an early-stopping run keeps as its best."""
 STATE_FILE = "state.json"
 LORA_DIR = "lora"
 UNET_DIR = "unet"
@@ -135,6 +140,16 @@ class RunDir:
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
+    def best_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint ``best`` names (a run with ``train.early_stop``), if it is complete; else None."""
+        return _pointed(self.checkpoints / BEST)
+
+    def chosen_checkpoint(self) -> tuple[Checkpoint | None, str]:
+        """The checkpoint the run stands for (``--lora RUN``, ``--model RUN``): the best one where the run keeps
+        one, else the latest; and which pointer chose it (``best`` or ``latest``)."""
+        best = self.best_checkpoint()
+        return (best, BEST) if best is not None else (self.latest_checkpoint(), LATEST)
+
     def complete_checkpoints(self) -> list[Checkpoint]:
         """Every complete checkpoint, oldest first."""
         found = [Checkpoint(self.checkpoints / name) for name in self.checkpoints.list() if name.startswith("epoch_")]
@@ -200,23 +215,55 @@ class Checkpoint:
         return load_config(parse_yaml(self.config.read_text()))
 
 
-def locate_lora(path: str | os.PathLike) -> Location:
-    """The adapter a user points at: the adapter itself, a checkpoint (``.../epoch_0010``), or a
-    training run directory (its latest complete checkpoint), each a local path or a URI."""
+def _pointed(pointer: Location) -> Checkpoint | None:
+    """The complete checkpoint a pointer file (``checkpoints/best``, ``checkpoints/latest``) names, else None."""
+    if not pointer.is_file():
+        return None
+    candidate = Checkpoint(Location(pointer.uri.rsplit("/", 1)[0]) / pointer.read_text().strip())
+    if candidate.is_complete():
+        return candidate
+    logger.warning("%s names %s, which is not a complete checkpoint", pointer, candidate.name)
+    return None
+
+
+def _follow_pointer(path: str | os.PathLike) -> tuple[Location, str | None]:
+    """``path`` as a location; ``RUN/checkpoints/best`` or ``.../latest`` become the checkpoint they name (and the choice, in words)."""
     where = Location(path)
+    if where.name in (BEST, LATEST) and where.is_file():
+        checkpoint = _pointed(where)
+        if checkpoint is None:
+            raise ValueError(f"{path} names {where.read_text().strip()!r}, which is not a complete checkpoint")
+        return checkpoint.location, f"{checkpoint.location} ({where.name})"
+    return where, None
+
+
+def lora_choice(path: str | os.PathLike) -> tuple[Location, str]:
+    """The adapter a user points at, and which it is in words (for the line eval and serve print).
+
+    ``path`` is the adapter itself, a checkpoint (``.../epoch_0010``), a pointer to one
+    (``RUN/checkpoints/best``, ``RUN/checkpoints/latest``), or a training run directory, which
+    stands for its best checkpoint when it keeps one (``train.early_stop``) and else its
+    latest complete one; each a local path or a URI.
+    """
+    where, chosen = _follow_pointer(path)
     if (where / LORA_CONFIG_NAME).is_file():
-        return where
+        return where, chosen or str(where)
     if (where / LORA_DIR / LORA_CONFIG_NAME).is_file():
-        return where / LORA_DIR
+        return where / LORA_DIR, chosen or str(where)
     run = RunDir(where)
     if run.checkpoints.is_dir():
-        checkpoint = run.latest_checkpoint()
+        checkpoint, pointer = run.chosen_checkpoint()
         if checkpoint is not None and (checkpoint.lora / LORA_CONFIG_NAME).is_file():
-            return checkpoint.lora
+            return checkpoint.lora, f"{checkpoint.location} (the run's {pointer} checkpoint)"
         if checkpoint is not None and checkpoint.unet.is_dir():
             raise ValueError(f"{path} fine-tuned the whole UNet, it has no LoRA adapter: give the run as --model (not --lora)")
         raise ValueError(f"{path} is a training run without a complete LoRA checkpoint yet (look in {run.checkpoints})")
     raise ValueError(f"{path} is not a LoRA adapter, checkpoint or run directory: no {LORA_CONFIG_NAME} in it or in {where / LORA_DIR}")
+
+
+def locate_lora(path: str | os.PathLike) -> Location:
+    """The adapter a user points at (see :func:`lora_choice`)."""
+    return lora_choice(path)[0]
 
 
 def resolve_lora_dir(path: str | os.PathLike) -> Path:
@@ -228,16 +275,18 @@ def resolve_model(path: str | os.PathLike | None, adapter_dir: str | os.PathLike
     """What a user may give as a model, as (the pipeline to load, a trained UNet or None).
 
     A pipeline directory or URI is returned as it is and an embedded model's name (``toy-sd3``)
-    as its shipped directory; a fully fine-tuned run or checkpoint becomes (the run's base
-    model, the checkpoint's ``unet/``). None means the model ``adapter_dir``'s adapter was
-    trained on (see :func:`trained_model`), else the embedded toy UNet model.
+    as its shipped directory; a fully fine-tuned run, checkpoint or pointer to one
+    (``RUN/checkpoints/best``) becomes (the run's base model, the checkpoint's ``unet/``); a run
+    stands for its best checkpoint where it keeps one, else its latest. None means the model
+    ``adapter_dir``'s adapter was trained on (see :func:`trained_model`), else the embedded toy
+    UNet model.
     """
     if path is None:
         return resolve_model_path(trained_model(adapter_dir) if adapter_dir is not None else None), None
-    where = Location(path)
+    where, _ = _follow_pointer(path)
     checkpoint = Checkpoint(where) if (where / COMPLETE).is_file() else None
     if checkpoint is None and (where / CHECKPOINTS_DIR).is_dir():
-        checkpoint = RunDir(where).latest_checkpoint()
+        checkpoint, _ = RunDir(where).chosen_checkpoint()
         if checkpoint is None:
             raise ValueError(f"{path} is a training run without a complete checkpoint yet (look in {where / CHECKPOINTS_DIR})")
     if checkpoint is None:
@@ -279,13 +328,18 @@ def begin_checkpoint(run: RunDir, epoch: int) -> Checkpoint:
     return checkpoint
 
 
-def commit_checkpoint(run: RunDir, checkpoint: Checkpoint, *, keep: int) -> None:
-    """Rank 0, after every rank wrote its part: mark it complete, point ``latest`` at it, keep the newest ``keep``."""
+def commit_checkpoint(run: RunDir, checkpoint: Checkpoint, *, keep: int, best: bool = False) -> None:
+    """Rank 0, after every rank wrote its part: mark it complete, point ``latest`` (and with ``best``,
+    ``best``) at it, keep the newest ``keep`` and the one ``best`` names."""
     (checkpoint.location / COMPLETE).write_text(f"{checkpoint.name}\n")
+    if best:
+        (run.checkpoints / BEST).write_text(checkpoint.name + "\n")
     (run.checkpoints / LATEST).write_text(checkpoint.name + "\n")
+    kept = run.best_checkpoint()
     for old in run.complete_checkpoints()[:-keep]:
-        (old.location / COMPLETE).delete()
-        old.location.delete()
+        if old != kept:
+            (old.location / COMPLETE).delete()
+            old.location.delete()
 
 
 # --------------------------------------------------------------------------- sampler settings of an adapter

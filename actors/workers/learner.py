@@ -10,6 +10,7 @@ same step as one worker with batch B.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -157,8 +158,12 @@ class Learner:
         versions: np.ndarray | None = None,
         learner_version: int | None = None,
         is_truncation: float = 1.0,
+        beta: float | None = None,
     ) -> dict[str, float]:
         """All inner epochs of DDPO/DPOK updates on this rank's shard. Returns mean statistics.
+
+        ``beta`` is DPOK's KL coefficient for this update, as the controller sends it with each
+        shard (adapted when ``train.kl_target`` is set; logged as ``kl/beta``); None means ``train.beta``.
 
         ``versions`` (batch,) are the policy versions that sampled the shard's rows and
         ``learner_version`` the version these weights are. Rows sampled by an older
@@ -204,6 +209,9 @@ class Learner:
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         stats: dict[str, list[float]] = {"optim/lr": [lr]}
+        params = self.params if beta is None else dataclasses.replace(self.params, beta=beta)
+        if self.uses_reference:
+            stats["kl/beta"] = [params.beta]
         self.engine.train()
         plans = []
         for _ in range(self.train_cfg.inner_epochs):
@@ -260,7 +268,7 @@ class Learner:
                         std=out.std,
                         is_weights=is_weights[r, j] if is_weights is not None else None,
                     )
-                    loss = self.algorithm(inputs, self.params)
+                    loss = self.algorithm(inputs, params)
                     if not torch.isfinite(loss.loss.detach()).all():
                         # Before the step: NaN never reaches the weights, and no checkpoint is written from them.
                         raise ValueError(

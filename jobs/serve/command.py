@@ -26,7 +26,7 @@ from jobs.serve.api import API_KEY_ENV
 from jobs.serve.app import APP_NAME, deploy, model_id, serve_sampling, with_trained_model
 from orchestrator.cluster import connect
 from orchestrator.config import ServeConfig, from_dict, load_config, replace, to_dict
-from orchestrator.rundir import locate_lora, resolve_lora_dir, resolve_model
+from orchestrator.rundir import locate_lora, lora_choice, resolve_lora_dir, resolve_model
 
 logger = logging.getLogger("rayalign")
 
@@ -59,8 +59,9 @@ def check_serve_inputs(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
         cfg = replace(cfg, model=Location(resolve_model_path(cfg.model)).uri)
     if cfg.lora is None:
         return cfg, None
-    adapter = locate_lora(cfg.lora)
+    adapter, chosen = lora_choice(cfg.lora)
     read_lora(resolve_lora_dir(adapter.uri))
+    print(f"adapter: {chosen}", flush=True)  # a run's best checkpoint, or its latest
     return cfg, adapter.uri
 
 

@@ -37,6 +37,7 @@ from orchestrator.config.sweep import SEARCH_KINDS, SweepConfig, SweepSchedulerC
 from orchestrator.config.training import (
     Config,
     Device,
+    EarlyStopConfig,
     LearnerConfig,
     LoRAConfig,
     ModelConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "SEARCH_KINDS",
     "Config",
     "Device",
+    "EarlyStopConfig",
     "FieldError",
     "LearnerConfig",
     "LoRAConfig",

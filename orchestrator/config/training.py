@@ -429,6 +429,27 @@ class LearnerConfig(Section):
     """Gradient clipping by global norm; > 0."""
 
 
+class EarlyStopConfig(Section):
+    """When a run ends before ``train.epochs``: the gold reward fell from its best, or the policy
+    drifted too far from the reference. Each rule is optional; set at least one."""
+
+    gold_drop: float | None = Field(None, gt=0)
+    """Stop at an eval epoch whose ``gold/mean`` is more than this below the best ``gold/mean``
+    so far (in the gold reward's own units, e.g. 0.05 of ``toy_fidelity``); > 0, or null for no
+    gold rule. Needs ``train.gold_reward``."""
+
+    max_kl: float | None = Field(None, gt=0)
+    """Stop after an epoch whose ``kl/mean`` (the per-step KL to the reference, as logged) is
+    above this; > 0, or null for no KL rule. Needs a measured KL: ``train.algorithm: dpok``
+    or a reference pool."""
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> "EarlyStopConfig":
+        if self.gold_drop is None and self.max_kl is None:
+            raise ValueError("set gold_drop, max_kl or both (e.g. early_stop: {gold_drop: 0.05}), or early_stop: null for no early stop")
+        return self
+
+
 class TrainConfig(Section):
     """The RL loop: what is sampled each epoch and how it is learned from."""
 
@@ -514,6 +535,26 @@ class TrainConfig(Section):
     eval_prompts: str = "toy-heldout"
     """Prompts for the image grid (a built-in set or a file)."""
 
+    gold_reward: RewardConfig | None = None
+    """A second reward that watches for reward hacking, written like ``reward`` (a name, ``{name:
+    weight}``, a list, ``package.module:function``): the reward pool scores the eval images with
+    it every ``eval_every`` epochs, logged as ``gold/mean``, ``gold/std`` and
+    ``gold/<component>/<key>``; it is never trained on (advantages come from ``reward`` alone).
+    null = none. Needs ``eval_every`` > 0."""
+
+    kl_target: float | None = Field(None, gt=0)
+    """dpok only: adapt ``beta`` after every epoch so that ``kl/mean`` stays near this target,
+    PPO's adaptive KL rule (Schulman et al. 2017, sec. 4): beta doubles after an epoch whose
+    KL is above 1.5 x target and halves after one below target / 1.5. ``beta`` is the starting
+    value; the one each update used is logged as ``kl/beta`` and kept in checkpoints. > 0, or
+    null for a fixed beta."""
+
+    early_stop: EarlyStopConfig | None = None
+    """End the run early, keeping the best checkpoint as ``checkpoints/best``, when the gold
+    reward falls or the KL grows too far (see its fields); null = run all ``epochs``. With a
+    gold reward the best checkpoint is the eval epoch of highest ``gold/mean`` (so
+    ``checkpoint_every`` must divide ``eval_every``), without one the newest checkpoint."""
+
     def trained_steps(self, num_steps: int) -> int:
         """Denoising steps trained per trajectory of ``num_steps`` (``timestep_fraction`` of them), at least one."""
         return max(1, int(round(num_steps * self.timestep_fraction)))
@@ -526,6 +567,25 @@ class TrainConfig(Section):
             )
         if self.advantage == "group" and self.samples_per_prompt < 2:
             raise FieldError("advantage", "'group' needs samples_per_prompt >= 2 (a group of one has no spread)")
+        if self.kl_target is not None and self.algorithm != "dpok":
+            raise FieldError(
+                "kl_target", f"adapts DPOK's beta, but algorithm is {self.algorithm!r}: set train.algorithm: dpok or kl_target: null"
+            )
+        if self.kl_target is not None and self.beta == 0:
+            raise FieldError("beta", "must be > 0 with kl_target: the adaptive rule doubles and halves it, and 0 stays 0; e.g. beta: 0.01")
+        if self.gold_reward is not None and not self.eval_every:
+            raise FieldError("gold_reward", "is scored at the eval epochs, but eval_every is 0: set train.eval_every > 0, e.g. 5")
+        if self.early_stop is not None and self.early_stop.gold_drop is not None and self.gold_reward is None:
+            raise FieldError(
+                "early_stop.gold_drop", "needs a gold reward to watch: set train.gold_reward (e.g. toy_fidelity), or gold_drop: null"
+            )
+        if self.early_stop is not None and self.gold_reward is not None and self.eval_every % self.checkpoint_every:
+            raise FieldError(
+                "checkpoint_every",
+                f"must divide eval_every ({self.eval_every}) with early_stop and a gold reward, so that every epoch whose gold "
+                f"reward is measured has a checkpoint to keep as the best; got {self.checkpoint_every}: set checkpoint_every "
+                f"to a divisor of eval_every (e.g. 1 or {self.eval_every})",
+            )
         if self.stat_min_count > self.stat_buffer_size:
             raise FieldError(
                 "stat_min_count",
@@ -601,6 +661,11 @@ class Config(Section):
         return self.train.reference == "pool" and self.pools.reference.num_actors > 0
 
     @property
+    def kl_measured(self) -> bool:
+        """Whether every epoch logs ``kl/mean``: DPOK's KL term, or the reference pool's diagnostic for other algorithms."""
+        return self.train.algorithm == "dpok" or self.reference_pool_used
+
+    @property
     def samples_per_update(self) -> int:
         """Trajectories per update once the buffer is full: replay.samples_per_update, or the epoch's."""
         return self.replay.samples_per_update or self.train.samples_per_epoch
@@ -633,6 +698,12 @@ class Config(Section):
                 "must be pool when model.finetune is full, got adapter_off: switching a LoRA adapter off gives the base "
                 "model, but full fine-tuning trains the base weights themselves; use model.finetune: lora, or "
                 "train.reference: pool",
+            )
+        if train.early_stop is not None and train.early_stop.max_kl is not None and not self.kl_measured:
+            raise FieldError(
+                "train.early_stop.max_kl",
+                f"needs a measured KL, but algorithm {train.algorithm} without a reference pool logs no kl/mean: use "
+                "train.algorithm: dpok, or pools.reference.num_actors >= 1 with train.reference: pool, or max_kl: null",
             )
         if train.algorithm == "dpok" and train.reference == "pool" and self.pools.reference.num_actors < 1:
             raise FieldError(

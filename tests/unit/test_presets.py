@@ -6,7 +6,7 @@ from orchestrator.config import load_preset, preset_names
 
 
 def test_the_promised_presets_exist():
-    assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "toy-flow-grpo", "quickstart"} <= set(preset_names())
+    assert {"toy-ddpo", "toy-dpok", "toy-compressibility", "toy-flow-grpo", "toy-hacking", "quickstart"} <= set(preset_names())
 
 
 GPU_PRESETS = ["sd15-aesthetic-ddpo", "sd15-imagereward-dpok", "sdxl-pickscore-grpo", "sd35m-pickscore-grpo", "flux-dev-hpsv2-grpo"]
@@ -92,3 +92,11 @@ def test_toy_flow_grpo_trains_the_embedded_flow_model_with_flow_grpo_on_cpu():
     assert [c.name for c in cfg.reward.components] == ["toy_fidelity"]
     assert 0 < cfg.sampling.eta < 1  # the Flow-GRPO SDE's noise level
     assert cfg.learner.num_gpus_per_worker == 0 and cfg.pools.rollout.num_gpus == 0
+
+
+def test_the_reward_hacking_preset_trains_on_compressibility_and_watches_fidelity():
+    cfg = load_preset("toy-hacking")
+    assert [c.name for c in cfg.reward.components] == ["jpeg_compressibility"]  # a blank image scores best
+    assert [c.name for c in cfg.train.gold_reward.components] == ["toy_fidelity"]
+    assert cfg.train.early_stop.gold_drop > 0 and 0 < cfg.train.eval_every < cfg.train.epochs
+    assert cfg.model.path is None and cfg.train.eval_every % cfg.train.checkpoint_every == 0
