@@ -19,6 +19,12 @@ from typing import Sequence
 
 from orchestrator.config import SamplingConfig
 
+LOGGER_HELP = (
+    "experiment tracker of the metrics, config and image grids: tensorboard, wandb, mlflow, or none for metrics.jsonl only "
+    "(repeatable; default tensorboard); wandb and mlflow read their usual variables, e.g. WANDB_MODE=offline, "
+    "MLFLOW_TRACKING_URI (default: a SQLite store in the run directory)"
+)
+
 MODEL_HELP = (
     "local diffusers pipeline directory (SD 1.x/2.x, SDXL or SD3) or an embedded model, toy-t2i or toy-sd3 "
     "(default: the model the --lora adapter was trained on, else toy-t2i)"
@@ -63,6 +69,7 @@ def _add_train(subparsers) -> None:
         help="no progress bar (summary lines only); the default when stderr is not a terminal (a Ray Job's log, a file)",
     )
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with a local cluster (off by default: it costs seconds)")
+    p.add_argument("--logger", dest="loggers", action="append", metavar="NAME", help=LOGGER_HELP)
     p.set_defaults(module="jobs.train")
 
 
@@ -253,6 +260,7 @@ def _add_sweep(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --output-dir (finished trials are kept)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default: max(8, cores))")
+    p.add_argument("--logger", dest="loggers", action="append", metavar="NAME", help=f"{LOGGER_HELP}; each trial logs its own run")
     p.set_defaults(module="jobs.sweep")
 
 

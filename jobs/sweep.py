@@ -54,6 +54,7 @@ from orchestrator.metrics import read_metrics
 from orchestrator.pools import Demand, check_fits, demands
 from orchestrator.run import train
 from orchestrator.rundir import INCOMPLETE_MARK, RunDir
+from orchestrator.trackers import DEFAULT_TRACKERS, check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +178,8 @@ def finished_trial_metrics(run_dir: str | os.PathLike | Location, *, epochs: int
     return rows[-1]
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], output_dir: str) -> None:
-    """The Tune trainable: one complete training run with the trial's parameters."""
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], output_dir: str, loggers: Sequence[str] = DEFAULT_TRACKERS) -> None:
+    """The Tune trainable: one complete training run with the trial's parameters (its own run in each tracker)."""
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = Location(output_dir) / TRIALS_DIR / trial_id
@@ -193,7 +194,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output_dir: str) 
     if finished is not None:
         report(finished)
         return
-    train(cfg, run_dir.uri, resume=resume, progress=False, on_epoch=report)
+    train(cfg, run_dir.uri, resume=resume, progress=False, on_epoch=report, loggers=loggers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,11 +329,18 @@ def saved_trial_states(tune_path: Location) -> dict[str, str]:
 
 
 def sweep(
-    sweep_cfg: SweepConfig, output_dir: str | os.PathLike, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None
+    sweep_cfg: SweepConfig,
+    output_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    loggers: Sequence[str] = DEFAULT_TRACKERS,
 ) -> int:
     """Run (or resume) the sweep; returns the CLI exit status (0 when every trial ran without error)."""
 
     output_dir = Location(output_dir)  # a local path or an object-store URI, like a run's --output-dir
+    loggers = check_trackers(loggers)  # here too: a trial's error would come only once Tune has started it
     base = base_config(sweep_cfg)
     check_search_space(sweep_cfg, base)
     _check_output_dir(sweep_cfg, output_dir, resume=resume)
@@ -349,7 +357,7 @@ def sweep(
     )
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(base), output_dir=output_dir.uri),
+        tune.with_parameters(run_trial, base=to_dict(base), output_dir=output_dir.uri, loggers=loggers),
         {"cpu": sweep_cfg.trial_cpus},
     )
     tune_path = output_dir / TUNE_DIR
@@ -415,4 +423,11 @@ def sweep(
 
 def run(args: argparse.Namespace) -> int:
     """``rayalign sweep``."""
-    return sweep(load_sweep(args.config), args.output_dir, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
+    return sweep(
+        load_sweep(args.config),
+        args.output_dir,
+        resume=args.resume,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        loggers=args.loggers or DEFAULT_TRACKERS,
+    )

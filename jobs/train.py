@@ -10,6 +10,7 @@ from orchestrator.config import load_config, load_preset
 from orchestrator.metrics import read_metrics
 from orchestrator.run import train
 from orchestrator.rundir import RunDir
+from orchestrator.trackers import DEFAULT_TRACKERS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         progress=not args.no_progress and sys.stderr.isatty(),
         dashboard=args.dashboard,
+        loggers=args.loggers or DEFAULT_TRACKERS,
     )
     metrics = read_metrics(output)
     if metrics:

@@ -1,4 +1,4 @@
-"""Per-epoch metrics: ``metrics.jsonl`` (one JSON object per epoch) and TensorBoard events."""
+"""Per-epoch metrics: ``metrics.jsonl`` (one JSON object per epoch), the summary line, memory readings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import psutil
 import ray
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-from orchestrator.rundir import METRICS_FILE, TENSORBOARD_DIR, RunDir
+from orchestrator.rundir import METRICS_FILE, RunDir
 
 REQUIRED_KEYS = (
     "epoch",
@@ -39,27 +39,21 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends epoch metrics (and TensorBoard events) in the run's working directory and publishes
-    them to the run after every epoch; on resume drops lines from epochs after the checkpoint."""
+    """Appends epoch metrics in the run's working directory and publishes them to the run after every
+    epoch; on resume drops lines from epochs after the checkpoint. ``metrics.jsonl`` is the run's record:
+    the experiment trackers (TensorBoard, W&B, MLflow: :mod:`orchestrator.trackers`) log it from the driver."""
 
-    def __init__(self, run: RunDir, *, resume_epoch: int | None = None, tensorboard: bool = True):
+    def __init__(self, run: RunDir, *, resume_epoch: int | None = None):
         self.run = run
         self.path = run.workdir / METRICS_FILE
         if resume_epoch is not None:
             run.pull(METRICS_FILE)
-            run.pull(TENSORBOARD_DIR)
         if resume_epoch is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
-            from tensorboardX import SummaryWriter  # lazy: a second of imports the driver, which only reads metrics, never needs
-
-            self._tb = SummaryWriter(str(run.workdir / TENSORBOARD_DIR))
-        else:
-            self._tb = None
 
     def write(self, metrics: dict[str, Any]) -> None:
         missing = [key for key in REQUIRED_KEYS if key not in metrics]
@@ -67,18 +61,10 @@ class MetricsWriter:
             raise ValueError(f"epoch metrics lack {missing}")
         with open(self.path, "a") as handle:
             handle.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
-        if self._tb is not None:
-            step = int(metrics["epoch"])
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "epoch":
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
-            self.run.publish(TENSORBOARD_DIR)
         self.run.publish(METRICS_FILE)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        """Nothing to release: every row is written and published as it comes (kept for the controller's shutdown)."""
 
 
 def memory_stats() -> dict[str, float]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -35,6 +36,7 @@ from orchestrator.hub import ShardHub
 from orchestrator.metrics import summary_line
 from orchestrator.pools import check_fits, create_pools, demands, threads_for
 from orchestrator.rundir import Checkpoint, RunDir
+from orchestrator.trackers import DEFAULT_TRACKERS, Trackers, check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +132,21 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     dashboard: bool = False,
+    loggers: Sequence[str] = DEFAULT_TRACKERS,
 ) -> str:
     """Run (or resume) training in ``output_dir`` (a local directory or an object-store URI); returns where it is.
 
     ``on_epoch`` is called in this process with each finished epoch's metrics (what
-    ``metrics.jsonl`` records), e.g. to report them to Ray Tune. The actor pools are started
-    here, before the learner group, so their models load while it forms.
+    ``metrics.jsonl`` records), e.g. to report them to Ray Tune. ``loggers`` names the
+    experiment trackers this process logs each epoch to (:mod:`orchestrator.trackers`;
+    ``metrics.jsonl`` is written whatever they are). The actor pools are started here, before
+    the learner group, so their models load while it forms.
     """
     started_at = time.time()
     run = RunDir(output_dir)
     cfg, resume_from = resolve_run(cfg, run, resume=resume)
     check_names(cfg, external_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
+    loggers = check_trackers(loggers)
     run.config.write_text(config_to_yaml(cfg))
 
     connecting = time.time()
@@ -165,7 +171,11 @@ def train(
         "time/startup/connect_s": connected - connecting,
     }
     failures = 0
+    trackers = None
     try:
+        # Opened once the pools are loading, as the learner group will be: W&B and MLflow take seconds to start.
+        resumed_at = resume_from.read_state()["epoch"] if resume_from else None
+        trackers = Trackers(loggers, run, config=to_dict(cfg), resume_epoch=resumed_at)
         while True:
             start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
             if resume_from:
@@ -181,7 +191,7 @@ def train(
 
             thread = threading.Thread(target=fit, name="rayalign-trainer", daemon=True)
             thread.start()
-            _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress, on_epoch=on_epoch)
+            _follow(hub, thread, total=cfg.train.epochs, start=start_epoch, show_bar=progress, trackers=trackers, on_epoch=on_epoch)
             thread.join()
             if "error" not in outcome:
                 break
@@ -201,6 +211,8 @@ def train(
             ray.get(hub.reset.remote())
             startup = {"faults/learner_restarts": float(failures), "failed_at": time.time()}
     finally:
+        if trackers is not None:
+            trackers.close(failed=sys.exc_info()[1] is not None)  # in `finally`, the error on its way out, if any
         pools.shutdown()
         ray.kill(hub)
     end = read_end_line(run, cfg.train) if cfg.train.early_stop is not None else None
@@ -260,9 +272,16 @@ def _lost_worker(error: BaseException, pool_actors: set[str]) -> str | None:
 
 
 def _follow(
-    hub, thread: threading.Thread, *, total: int, start: int, show_bar: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+    hub,
+    thread: threading.Thread,
+    *,
+    total: int,
+    start: int,
+    show_bar: bool,
+    trackers: Trackers,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> None:
-    """Progress bar over epochs and one summary line per finished epoch, until training ends."""
+    """Progress bar over epochs and one summary line per finished epoch, each epoch to the trackers, until training ends."""
     bar = tqdm(total=total, initial=start, desc="train", unit="epoch", disable=not show_bar, dynamic_ncols=True)
     try:
         while True:
@@ -274,6 +293,7 @@ def _follow(
             for metrics in summaries:
                 bar.write(summary_line(metrics, total))
                 bar.update(max(0, metrics["epoch"] - bar.n))
+                trackers.log_epoch(metrics)
                 if on_epoch is not None:
                     on_epoch(metrics)
             if progress:

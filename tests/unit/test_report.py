@@ -56,7 +56,7 @@ def write_run(root, *, epochs: int = 4, mode: str = "sync", learning_rate: float
     )
     run = RunDir(root)
     dump_yaml(cfg, run.workdir / "config.yaml")
-    writer = MetricsWriter(run, tensorboard=False)
+    writer = MetricsWriter(run)
     samples = 0
     for epoch in range(0, epochs + 1):
         if epoch % 2 == 0:  # the controller's eval grid: one held-out prompt per row, 2 images each
