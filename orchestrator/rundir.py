@@ -5,7 +5,9 @@ This module is the one place that spells the layout; everything else asks it::
     RUN/
         config.yaml            the effective config
         metrics.jsonl          one JSON object per epoch
-        tensorboard/           the same metrics as TensorBoard events
+        tensorboard/           the same metrics as TensorBoard events (--logger tensorboard, the default)
+        wandb/, mlflow/        W&B's offline files, the default MLflow store (--logger wandb, mlflow)
+        trackers.json          each tracker's run ids and last epoch logged, for a resume
         images/epoch_0005.png  held-out prompts, fixed seeds
         checkpoints/
             epoch_0004/        a complete checkpoint (has COMPLETE, written last)
@@ -59,6 +61,12 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TRACKERS_FILE = "trackers.json"
+"""Per tracker (``--logger``), the last epoch it logged and its run's ids (:mod:`orchestrator.trackers`)."""
+WANDB_DIR = "wandb"
+"""W&B's own directory (``offline-run-*`` or ``run-*``), unless ``WANDB_DIR`` is set."""
+MLFLOW_DIR = "mlflow"
+"""The default MLflow store, when ``MLFLOW_TRACKING_URI`` is not set: ``mlflow.db`` (SQLite) and ``artifacts/``."""
 IMAGES_DIR = "images"
 CHECKPOINTS_DIR = "checkpoints"
 

@@ -36,16 +36,10 @@ import yaml
 from PIL import Image
 
 from orchestrator.metrics import read_metrics
-from orchestrator.rundir import TENSORBOARD_DIR, RunDir
+from orchestrator.rundir import MLFLOW_DIR, TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR, RunDir
 
 logger = logging.getLogger(__name__)
 
-TRACKERS_FILE = "trackers.json"
-"""In the run directory: per tracker, the last epoch it logged and its run's ids."""
-WANDB_DIR = "wandb"
-"""W&B's own directory (``offline-run-*`` or ``run-*``), in the run directory unless ``WANDB_DIR`` is set."""
-MLFLOW_DIR = "mlflow"
-"""The default MLflow store, when ``MLFLOW_TRACKING_URI`` is not set: ``mlflow.db`` (SQLite) and ``artifacts/``."""
 GRID_NAME = "eval/grid"
 """The held-out image grid's name in every tracker."""
 
