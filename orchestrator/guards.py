@@ -28,6 +28,9 @@ from actors.rl.kl_control import adaptive_beta
 from orchestrator.config import EarlyStopConfig, TrainConfig
 from orchestrator.rundir import BEST, CHECKPOINTS_DIR, RunDir, checkpoint_name
 
+BETA_RANGE = 100.0
+"""With ``train.kl_target``, beta moves within ``[train.beta / BETA_RANGE, train.beta * BETA_RANGE]``."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GuardState:
@@ -82,7 +85,8 @@ def after_epoch(state: GuardState, train: TrainConfig, *, epoch: int, kl: float,
     bounds is the best so far. An epoch that stops the run is never the best.
     """
     if train.kl_target is not None:
-        state = dataclasses.replace(state, beta=adaptive_beta(state.beta, kl=kl, target=train.kl_target))
+        low, high = train.beta / BETA_RANGE, train.beta * BETA_RANGE
+        state = dataclasses.replace(state, beta=adaptive_beta(state.beta, kl=kl, target=train.kl_target, low=low, high=high))
     rule = train.early_stop
     if rule is None:
         return state

@@ -546,8 +546,8 @@ class TrainConfig(Section):
     """dpok only: adapt ``beta`` after every epoch so that ``kl/mean`` stays near this target,
     PPO's adaptive KL rule (Schulman et al. 2017, sec. 4): beta doubles after an epoch whose
     KL is above 1.5 x target and halves after one below target / 1.5. ``beta`` is the starting
-    value; the one each update used is logged as ``kl/beta`` and kept in checkpoints. > 0, or
-    null for a fixed beta."""
+    value, and beta stays within 100x of it either way; the one each update used is logged as
+    ``kl/beta`` and kept in checkpoints. > 0, or null for a fixed beta."""
 
     early_stop: EarlyStopConfig | None = None
     """End the run early, keeping the best checkpoint as ``checkpoints/best``, when the gold

@@ -32,6 +32,15 @@ def test_adaptive_beta_follows_ppos_rule(beta, kl, target, expected):
     assert adaptive_beta(beta, kl=kl, target=target) == pytest.approx(expected)
 
 
+def test_adaptive_beta_stays_within_its_bounds():
+    # Halving from 0.1 stops at the floor, doubling at the ceiling; inside them the rule is unchanged.
+    assert adaptive_beta(0.1, kl=0.0, target=0.01, low=0.08, high=0.3) == 0.08
+    assert adaptive_beta(0.2, kl=1.0, target=0.01, low=0.08, high=0.3) == 0.3
+    assert adaptive_beta(0.2, kl=0.0, target=0.01, low=0.08, high=0.3) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="0 <= low <= high"):
+        adaptive_beta(0.1, kl=0.1, target=0.1, low=1.0, high=0.5)
+
+
 def test_adaptive_beta_refuses_nonsense():
     with pytest.raises(ValueError, match="target must be a finite KL > 0"):
         adaptive_beta(0.1, kl=0.1, target=0.0)
