@@ -76,6 +76,9 @@ def test_toy_presets_match_their_names():
     assert ddpo.learner.num_workers == 2 and ddpo.learner.zero_stage == 2
     assert all(p.num_actors >= 1 for p in (ddpo.pools.rollout, ddpo.pools.reward, ddpo.pools.reference))
     assert dpok.train.algorithm == "dpok" and dpok.train.beta > 0 and dpok.pools.reference.num_actors >= 1
+    assert dpok.train.kl_target is not None  # beta adapts: a fixed beta held the policy still or let it drift
+    # toy-ddpo's recipe, only the KL anchor added
+    assert (dpok.learner, dpok.sampling, dpok.model.lora) == (ddpo.learner, ddpo.sampling, ddpo.model.lora)
     assert [c.name for c in jpeg.reward.components] == ["jpeg_compressibility"]
 
 
