@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from orchestrator.config import flatten_config
 from orchestrator.metrics import read_metrics
 from orchestrator.rundir import MLFLOW_DIR, TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR, RunDir
 
@@ -73,17 +74,6 @@ def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise missing_package(name)
     return chosen
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The nested config as dotted keys (``train.epochs``); lists and empty sections stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

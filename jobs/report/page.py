@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from actors.diffusion.images import read_grid_labels
 from jobs.report import plots
-from jobs.report.runs import Grid, ReportRun, config_differences, flatten
+from jobs.report.runs import Grid, ReportRun, config_differences
+from orchestrator.config import flatten_config
 
 TIME_PARTS = {
     "rollout": "time/rollout_s",
@@ -313,7 +314,7 @@ class Builder:
         differing = config_differences(self.runs)
         body = []
         if differing:
-            flat = [flatten(run.config) for run in self.runs]
+            flat = [flatten_config(run.config) for run in self.runs]
             head = "".join(f"<th>{html.escape(run.label)}</th>" for run in self.runs)
             rows = "".join(
                 f"<tr><td><code>{html.escape(key)}</code></td>"
@@ -342,7 +343,7 @@ class Builder:
             train = run.config.get("train", {})
             _, evals = run.series("eval/reward_mean")
             seconds = sum(row.get("time/epoch_s") or 0.0 for row in run.rows)
-            settings = ", ".join(f"{key}={flatten(run.config).get(key)}" for key in differing[:6])
+            settings = ", ".join(f"{key}={flatten_config(run.config).get(key)}" for key in differing[:6])
             differs = f"<td>{html.escape(settings)}</td>" if differing else ""
             rows.append(
                 "<tr>"

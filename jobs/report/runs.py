@@ -19,6 +19,7 @@ import yaml
 
 from actors.storage import Location
 from jobs.sweep import TRIALS_DIR, trial_run_dirs
+from orchestrator.config import flatten_config
 from orchestrator.rundir import IMAGES_DIR, RunDir
 
 logger = logging.getLogger(__name__)
@@ -179,22 +180,10 @@ def unique_labels(locations: Sequence[Location]) -> list[str]:
     return [location.uri for location in locations]
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"epochs": 2}}`` as ``{"train.epochs": 2}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def config_differences(runs: Sequence[ReportRun]) -> list[str]:
     """The dotted config fields whose values differ between the runs (empty for one run)."""
     if len(runs) < 2:
         return []
-    flat = [flatten(run.config) for run in runs]
+    flat = [flatten_config(run.config) for run in runs]
     fields = dict.fromkeys(key for config in flat for key in config)
     return [key for key in fields if len({json.dumps(config.get(key), sort_keys=True, default=str) for config in flat}) > 1]

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from orchestrator.config import files
 from orchestrator.config.files import apply_overrides, config_to_yaml, parse_yaml
-from orchestrator.config.schema import FieldError, Section, from_dict, replace, to_dict
+from orchestrator.config.schema import FieldError, Section, flatten_config, from_dict, replace, to_dict
 from orchestrator.config.serving import (
     ServeBatchingConfig,
     ServeConfig,
@@ -85,6 +85,7 @@ __all__ = [
     "preset_names",
     "replace",
     "to_dict",
+    "flatten_config",
 ]
 
 T = TypeVar("T", bound=Section)

@@ -12,7 +12,7 @@ import copy
 import difflib
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import annotated_types
@@ -146,6 +146,17 @@ def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
 def to_dict(model: BaseModel) -> dict[str, Any]:
     """Plain data (lists for tuples) that :func:`from_dict` reads back to an equal model."""
     return model.model_dump(mode="json")
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config (:func:`to_dict`'s form) as dotted keys (``train.epochs``); lists and empty sections stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def replace(section: T, /, **changes: Any) -> T:
