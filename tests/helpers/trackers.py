@@ -11,6 +11,7 @@ leaves the decoding to W&B's protobuf. TensorBoard event files are TFRecords of 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections import defaultdict
@@ -60,8 +61,18 @@ def wandb_records(path: Path) -> Iterator[Any]:
 
 
 def wandb_runs(wandb_dir: Path, run_id: str) -> list[Path]:
-    """The ``.wandb`` files of one W&B run, oldest first (an offline run writes one per process that resumed it)."""
-    return sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    """The ``.wandb`` files of one W&B run, oldest first (an offline run writes one per process that resumed it).
+
+    Each process writes ``offline-run-<time>-<id>``; one that starts in the same second as the last adds ``-1``,
+    ``-2``, ... to that folder's name, so the order is by time and then by that count.
+    """
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for path in wandb_dir.glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"):
+        match = pattern.fullmatch(path.parent.name)
+        if match:
+            found.append(((match[1], int(match[2] or 0)), path))
+    return [path for _, path in sorted(found)]
 
 
 def wandb_history(files: list[Path]) -> list[tuple[int, dict[str, Any]]]:
