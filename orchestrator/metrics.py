@@ -95,12 +95,18 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def summary_line(m: dict[str, Any], total_epochs: int) -> str:
-    """The one line printed per epoch."""
+    """The one line printed per epoch; an evaluated epoch also shows its eval reward (and gold reward)."""
     kl = m.get("kl/mean")
     kl_text = f"{kl:.2e}" if isinstance(kl, float) and math.isfinite(kl) else "n/a"
+    evaluated = ""
+    if m.get("eval/reward_mean") is not None:
+        evaluated = f" | eval {m['eval/reward_mean']:.4f}"
+        gold = m.get("gold/mean")
+        if isinstance(gold, float) and math.isfinite(gold):
+            evaluated += f", gold {gold:.4f}"
     return (
         f"epoch {m['epoch']:>3}/{total_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | kl {kl_text} | "
-        f"clipfrac {m['policy/clipfrac']:.3f} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, "
+        f"clipfrac {m['policy/clipfrac']:.3f}{evaluated} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, "
         f"reward {m['time/reward_s']:.1f}, ref {m['time/reference_s']:.1f}, learn {m['time/learn_s']:.1f}, "
         f"sync {m['time/sync_s']:.2f}) | {m['throughput/samples_per_s']:.2f} samples/s"
     )

@@ -145,6 +145,11 @@ def train(
     started_at = time.time()
     run = RunDir(output_dir)
     cfg, resume_from = resolve_run(cfg, run, resume=resume)
+    if resume_from is not None and (resume_from.read_state().get("guards") or {}).get("stopped_epoch"):
+        # Finished, as a run that ran all its epochs is: more epochs would train past the stop the rule chose.
+        ended = read_end_line(run, resume_from.read_config().train)  # of the epochs it ran with, not a new train.epochs
+        print(f"--resume: nothing to train; the run ended with an {ended}", flush=True)
+        return run.root.uri
     check_names(cfg, external_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
     loggers = check_trackers(loggers)
     run.config.write_text(config_to_yaml(cfg))
@@ -174,10 +179,9 @@ def train(
     trackers = None
     try:
         # Opened once the pools are loading, as the learner group will be: W&B and MLflow take seconds to start.
-        resumed_at = resume_from.read_state()["epoch"] if resume_from else None
-        trackers = Trackers(loggers, run, config=to_dict(cfg), resume_epoch=resumed_at)
+        start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
+        trackers = Trackers(loggers, run, config=to_dict(cfg), resume_epoch=start_epoch if resume_from else None)
         while True:
-            start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
             if resume_from:
                 print(f"resuming from {resume_from.location} (epoch {start_epoch} of {cfg.train.epochs})", flush=True)
             trainer = _learner_group(cfg, run, resume_from, hub_name=hub_name, startup={**startup, "trainer_started_at": time.time()})
@@ -202,6 +206,7 @@ def train(
             # from the last complete checkpoint; the pools and the hub outlive it.
             failures += 1
             resume_from = run.latest_checkpoint()
+            start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
             where = f"checkpoint {resume_from.name}" if resume_from else "the beginning (no checkpoint yet)"
             print(
                 f"learner group lost a worker ({dead}); restarting it from {where} ({failures} of learner.max_failures = "

@@ -127,7 +127,9 @@ class TensorBoardTracker:
         self.run = run
         self.state: dict[str, Any] = {}
         self.resumed = True  # a resumed run writes a new event file beside the old ones; TensorBoard reads them as one run
-        self.writer = SummaryWriter(str(run.workdir / TENSORBOARD_DIR))
+        # tensorboardX names a file by the second and the host: a resume within the same second would write over
+        # the last file. The nanoseconds after them keep every file apart, in the order written (as TensorBoard reads).
+        self.writer = SummaryWriter(str(run.workdir / TENSORBOARD_DIR), filename_suffix=f".{time.time_ns()}")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         text = yaml.safe_dump(dict(config), sort_keys=False)

@@ -60,6 +60,11 @@ def test_gold_is_watched_not_trained_on_beta_adapts_and_resumes_and_early_stop_k
     run = RunDir(guarded)
     assert run.best_checkpoint() == run.checkpoint(best) and run.latest_checkpoint() == run.checkpoint(stopped)
     assert lora_choice(guarded)[0] == run.checkpoint(best).lora
+    # --resume of the stopped run, even with more epochs, trains nothing and changes nothing: it says how the run ended.
+    before = (guarded / "metrics.jsonl").read_text(), (guarded / "config.yaml").read_text()
+    train(tiny_config(tiny_pipeline_dir, **{**GUARDED, "train.epochs": 12}), guarded, resume=True, progress=False)
+    assert capsys.readouterr().out.strip() == f"--resume: nothing to train; the run ended with an {end}"
+    assert ((guarded / "metrics.jsonl").read_text(), (guarded / "config.yaml").read_text()) == before
 
     # beta halves every epoch (KL far below its target), and the learners train with the beta they are sent:
     # DPOK's KL loss is beta times the KL.

@@ -13,7 +13,7 @@ from orchestrator.epoch import (
     shard_descriptor,
     shard_rows,
 )
-from orchestrator.metrics import REQUIRED_KEYS
+from orchestrator.metrics import REQUIRED_KEYS, summary_line
 
 
 def train(**fields) -> TrainConfig:
@@ -168,6 +168,14 @@ def test_the_metrics_row_holds_every_required_key_and_derived_figures():
     )
     assert again["prompts/digest"] == metrics["prompts/digest"] != other["prompts/digest"]
     assert np.isnan(again["kl/mean"])  # not measured: NaN, written as null
+
+    # The console line: an epoch without evaluation shows none; an evaluated one its eval and gold reward.
+    line = summary_line(metrics, 10)
+    assert line.startswith("epoch   3/10 | reward 0.5000") and "kl 1.00e-02" in line and "eval" not in line
+    assert "kl n/a" in summary_line(again, 10)
+    evaluated = {**metrics, "eval/reward_mean": 0.61234, "gold/mean": 0.25}
+    assert "| clipfrac 0.100 | eval 0.6123, gold 0.2500 |" in summary_line(evaluated, 10)
+    assert "| eval 0.6123 |" in summary_line({**evaluated, "gold/mean": None}, 10)
 
 
 def test_shards_split_rows_evenly_and_group_runs_of_one_chunk():

@@ -22,6 +22,7 @@ from orchestrator.trackers import (
     GRID_NAME,
     TRACKERS_FILE,
     MlflowTracker,
+    TensorBoardTracker,
     Trackers,
     WandbTracker,
     check_trackers,
@@ -94,6 +95,19 @@ def test_flatten_config_gives_dotted_keys_and_mlflow_values():
 def test_scalars_skip_the_step_flags_and_unmeasured_values():
     row = {"epoch": 3, "samples": 24, "reward/mean": 0.5, "kl/mean": float("nan"), "faults/stopped": True, "prompts/digest": "ab12"}
     assert scalars(row) == {"samples": 24.0, "reward/mean": 0.5}
+
+
+def test_tensorboard_files_of_two_processes_in_the_same_second_stay_apart(monkeypatch, tmp_path):
+    # tensorboardX names its file by the second and the host: a resume within that second wrote over the last file.
+    monkeypatch.setattr("time.time", lambda: 1_800_000_000.5)
+    run = RunDir(tmp_path / "run")
+    for epoch in (1, 2):
+        tracker = TensorBoardTracker(run, state={})
+        tracker.log_metrics({"reward/mean": epoch / 10}, epoch)
+        tracker.close()
+    assert len(list((run.root.local / "tensorboard").glob("events.out.tfevents.1800000000.*"))) == 2
+    scalars_read, _ = tensorboard_events(run.root.local / "tensorboard")
+    assert [step for step, _ in scalars_read["reward/mean"]] == [1, 2]  # in the order written
 
 
 def _row(epoch: int, attempt: int) -> dict:
