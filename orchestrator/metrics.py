@@ -94,16 +94,19 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _measured(value: Any) -> bool:
+    """A figure the epoch measured: not absent (None) and not NaN."""
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def summary_line(m: dict[str, Any], total_epochs: int) -> str:
     """The one line printed per epoch; an evaluated epoch also shows its eval reward (and gold reward)."""
-    kl = m.get("kl/mean")
-    kl_text = f"{kl:.2e}" if isinstance(kl, float) and math.isfinite(kl) else "n/a"
+    kl_text = f"{m['kl/mean']:.2e}" if _measured(m.get("kl/mean")) else "n/a"
     evaluated = ""
     if m.get("eval/reward_mean") is not None:
         evaluated = f" | eval {m['eval/reward_mean']:.4f}"
-        gold = m.get("gold/mean")
-        if isinstance(gold, float) and math.isfinite(gold):
-            evaluated += f", gold {gold:.4f}"
+        if _measured(m.get("gold/mean")):
+            evaluated += f", gold {m['gold/mean']:.4f}"
     return (
         f"epoch {m['epoch']:>3}/{total_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | kl {kl_text} | "
         f"clipfrac {m['policy/clipfrac']:.3f}{evaluated} | {m['time/epoch_s']:.1f}s (rollout {m['time/rollout_s']:.1f}, "

@@ -145,7 +145,8 @@ def train(
     started_at = time.time()
     run = RunDir(output_dir)
     cfg, resume_from = resolve_run(cfg, run, resume=resume)
-    if resume_from is not None and (resume_from.read_state().get("guards") or {}).get("stopped_epoch"):
+    resumed_state = resume_from.read_state() if resume_from is not None else None
+    if ((resumed_state or {}).get("guards") or {}).get("stopped_epoch"):
         # Finished, as a run that ran all its epochs is: more epochs would train past the stop the rule chose.
         ended = read_end_line(run, resume_from.read_config().train)  # of the epochs it ran with, not a new train.epochs
         print(f"--resume: nothing to train; the run ended with an {ended}", flush=True)
@@ -179,8 +180,8 @@ def train(
     trackers = None
     try:
         # Opened once the pools are loading, as the learner group will be: W&B and MLflow take seconds to start.
-        start_epoch = resume_from.read_state()["epoch"] if resume_from else 0
-        trackers = Trackers(loggers, run, config=to_dict(cfg), resume_epoch=start_epoch if resume_from else None)
+        start_epoch = resumed_state["epoch"] if resumed_state is not None else 0
+        trackers = Trackers(loggers, run, config=to_dict(cfg), resume_epoch=start_epoch if resumed_state is not None else None)
         while True:
             if resume_from:
                 print(f"resuming from {resume_from.location} (epoch {start_epoch} of {cfg.train.epochs})", flush=True)
