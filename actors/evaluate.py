@@ -51,13 +51,24 @@ def evaluate(
     eta: float,
     guidance_scale: float,
     batch_size: int,
+    sde_window: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Sample ``num_per_prompt`` images per prompt and score them with ``reward``."""
+    """Sample ``num_per_prompt`` images per prompt and score them with ``reward``.
+
+    ``sde_window`` (flow-matching policies only): the SDE on those steps and the ODE step on
+    the others, as a run with ``sampling.sde_window`` sampled in training.
+    """
     if num_per_prompt < 1:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    window = {} if sde_window is None else {"sde_window": tuple(sde_window)}
+    if window and not policy.SAMPLES_SDE_WINDOW:
+        raise ValueError(
+            f"an SDE window {list(sde_window)} was asked for, but {type(policy).__name__} samples every step with DDIM; "
+            "windows are for flow-matching models (sd3, flux)"
+        )
     jobs = [(p, sample_seed(seed, p, i)) for p in prompts for i in range(num_per_prompt)]
     scores, images, infos = [], [], []
     started = time.perf_counter()
@@ -66,7 +77,7 @@ def evaluate(
         chunk = jobs[start : start + batch_size]
         batch_prompts = [p for p, _ in chunk]
         _, batch_images = policy.sample(
-            batch_prompts, seeds=[s for _, s in chunk], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale
+            batch_prompts, seeds=[s for _, s in chunk], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, **window
         )
         batch_scores, info = score_batch(reward, batch_images, batch_prompts, batch_index=batch_index)
         scores.append(batch_scores)

@@ -98,6 +98,12 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--steps", type=int, help=f"denoising steps ({trained} {defaults.num_steps})")
     p.add_argument("--eta", type=float, help=f"per-step noise: DDIM eta, SD3's SDE noise level ({trained} {defaults.eta:g})")
     p.add_argument("--guidance-scale", type=float, help=f"CFG weight, 1 = no guidance ({trained} {defaults.guidance_scale:g})")
+    p.add_argument(
+        "--sde-window",
+        metavar="START,STOP|none",
+        help="flow models: the SDE on steps START..STOP-1 and the ODE step on the others, or none for the SDE on every step "
+        "(default: the --lora run's sampling.sde_window while --steps is its number of steps, else none)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per sampling call (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -16,13 +16,13 @@ from actors.prompts import read_prompts
 from actors.rewards.registry import build_reward
 from actors.storage import Location
 from jobs.console import quiet_library_progress
-from jobs.sampling import choose_sampling, default_sampler
+from jobs.sampling import choose_sampling, default_sampler, parse_window
 from orchestrator.config import SamplingConfig, apply_overrides
 from orchestrator.rundir import lora_choice, resolve_lora_dir, resolve_model, trained_sampling
 
 logger = logging.getLogger("rayalign")
 
-SAMPLING_FLAGS = {"num_steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance-scale"}
+SAMPLING_FLAGS = {"num_steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance-scale", "sde_window": "--sde-window"}
 """The flag that sets each sampler setting."""
 
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     SamplingConfig(
         **{name: getattr(defaults, name) if value is None else value for name, value in given.items()}, batch_size=args.batch_size
     )
+    if args.sde_window is not None:
+        given["sde_window"] = parse_window(args.sde_window)  # checked against the steps once they are known
     components = parse_reward_args(args.reward)
     reward = build_reward(components, options=parse_reward_options(args.reward_option, [name for name, _ in components]))
     reward.check()
@@ -76,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_sampling(given, trained_sampling(lora) if lora else None, names=SAMPLING_FLAGS)
     for line in chosen.differences:
         print(f"warning: {line}", file=sys.stderr)
+    window, steps = chosen.settings.sde_window, chosen.settings.num_steps
+    if window is not None and not 0 <= window[0] < window[1] <= steps:
+        raise ValueError(
+            f"--sde-window {window[0]},{window[1]} is not within the {steps} steps: give 0 <= START < STOP <= {steps}, or none"
+        )
     sampling = SamplingConfig(**dataclasses.asdict(chosen.settings), batch_size=args.batch_size)  # also checks the trained settings
     reward.load()  # a reward model that cannot load should fail before sampling starts
     logger.info("loading %s%s", model_path, f" + LoRA {lora}" if lora else "")
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         eta=sampling.eta,
         guidance_scale=sampling.guidance_scale,
         batch_size=sampling.batch_size,
+        sde_window=sampling.sde_window,
     )
     report = {
         "mean": result.mean,

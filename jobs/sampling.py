@@ -53,10 +53,30 @@ class ChosenSampling:
         }
 
 
+def _window_words(window: tuple[int, int] | None) -> str:
+    return "none (SDE on every step)" if window is None else f"{window[0]},{window[1]} (SDE on steps {window[0]}-{window[1] - 1})"
+
+
+def parse_window(text: str) -> tuple[int, int] | str:
+    """``--sde-window START,STOP`` (the SDE on steps START..STOP-1, the ODE step on the others) or ``none``."""
+    if text.strip().lower() == "none":
+        return "none"
+    parts = text.split(",")
+    try:
+        start, stop = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"--sde-window {text!r} must be START,STOP (e.g. 0,6: the SDE on steps 0-5) or none") from None
+    return start, stop
+
+
 def choose_sampling(
     given: Mapping[str, Any], trained: tuple[SamplerSettings, Path] | None, *, names: Mapping[str, str] | None = None
 ) -> ChosenSampling:
     """Each setting from ``given`` if not None, else from training, else :func:`default_sampler`'s.
+
+    A flow-matching run's SDE window (``sampling.sde_window``) comes with its training settings
+    while the number of steps is the trained one; ``given["sde_window"]`` ("none" or a pair)
+    overrides it.
 
     ``names`` maps a field to how the user spells it (``--steps``, ``limits.default_steps``)
     for the lines in :attr:`ChosenSampling.differences`.
@@ -77,6 +97,25 @@ def choose_sampling(
             values[name], sources[name] = getattr(trained_settings, name), "trained"
         else:
             values[name], sources[name] = getattr(default_sampler(), name), "default"
+    # The SDE window (flow-matching runs) names steps of the trained schedule, so it holds only
+    # with the trained number of steps; with others every step takes the SDE, said as a difference.
+    window = getattr(trained_settings, "sde_window", None)
+    asked = given.get("sde_window")  # "none" (every step SDE), a (start, stop) pair, or None: not given
+    if asked is not None:
+        asked = None if asked == "none" else (int(asked[0]), int(asked[1]))
+        if trained_settings is not None and asked != window:
+            differences.append(
+                f"{(names or {}).get('sde_window', 'sde_window')} {_window_words(asked)} differs from the {_window_words(window)} the "
+                f"adapter was trained with ({trained_from})"
+            )
+        window = asked
+    elif window is not None and values["num_steps"] != trained_settings.num_steps:
+        differences.append(
+            f"the adapter was trained with the SDE on steps {window[0]}-{window[1] - 1} of {trained_settings.num_steps} and the ODE "
+            f"step after ({trained_from}); with {values['num_steps']} steps every step takes the SDE"
+        )
+        window = None
+    values["sde_window"] = window
     return ChosenSampling(
         settings=SamplerSettings(**values),
         sources=sources,

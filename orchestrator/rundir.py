@@ -367,15 +367,21 @@ class SamplerSettings:
     num_steps: int
     eta: float
     guidance_scale: float
+    sde_window: tuple[int, int] | None = None
+    """Flow-matching models: the SDE only on steps ``start <= i < stop`` and the ODE step on the
+    others (``sampling.sde_window``); None: the sampler's noise on every step."""
 
     def describe(self) -> str:
-        return f"{self.num_steps} steps, eta {self.eta:g}, guidance {self.guidance_scale:g}"
+        window = "" if self.sde_window is None else f" (SDE on steps {self.sde_window[0]}-{self.sde_window[1] - 1}, ODE after)"
+        return f"{self.num_steps} steps, eta {self.eta:g}{window}, guidance {self.guidance_scale:g}"
 
 
 def write_sampling(adapter_dir: str | os.PathLike | Location, sampling: Any, model: str | None = None) -> None:
     """Record ``sampling``'s sampler settings (a :class:`SamplingConfig`) beside an adapter, and
     the ``model.path`` it was trained on (None: the embedded toy UNet model)."""
     settings = {name: getattr(sampling, name) for name in SAMPLER_FIELDS}
+    window = getattr(sampling, "sde_window", None)
+    settings["sde_window"] = None if window is None else [int(i) for i in window]
     settings["model"] = model
     (Location(adapter_dir) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -417,6 +423,8 @@ def trained_sampling(adapter_dir: Path) -> tuple[SamplerSettings, Path] | None:
             raise ValueError(
                 f'{source} is not readable JSON ({error}); delete it or write {{"num_steps": ..., "eta": ..., "guidance_scale": ...}}'
             ) from None
+        if isinstance(data, Mapping) and "sde_window" not in data:  # written before windows were recorded: the run's config says
+            data = {**data, "sde_window": _config_window(adapter_dir)}
     else:
         source = adapter_dir.parent / CONFIG_FILE
         if adapter_dir.name != LORA_DIR or not source.is_file():
@@ -426,8 +434,19 @@ def trained_sampling(adapter_dir: Path) -> tuple[SamplerSettings, Path] | None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
             raise ValueError(f"{source} is not a readable run config ({error})") from None
         defaults = SamplingConfig()  # every field is written out, but a hand-made config may leave some to their defaults
-        data = {name: data.get(name, getattr(defaults, name)) for name in SAMPLER_FIELDS}
+        data = {name: data.get(name, getattr(defaults, name)) for name in (*SAMPLER_FIELDS, "sde_window")}
     return _settings_from(data, source), source
+
+
+def _config_window(adapter_dir: Path) -> Any:
+    """``sampling.sde_window`` of the checkpoint's ``config.yaml`` beside ``adapter_dir``; None without one."""
+    config = adapter_dir.parent / CONFIG_FILE
+    if adapter_dir.name != LORA_DIR or not config.is_file():
+        return None
+    try:
+        return ((yaml.safe_load(config.read_text()) or {}).get("sampling") or {}).get("sde_window")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None  # the JSON record is what counts; its config only fills in the window
 
 
 def _settings_from(data: Any, source: Path) -> SamplerSettings:
@@ -437,6 +456,13 @@ def _settings_from(data: Any, source: Path) -> SamplerSettings:
         steps, eta, guidance = (data[name] for name in SAMPLER_FIELDS)
         if isinstance(steps, bool) or int(steps) != steps:
             raise TypeError(f"num_steps {steps!r} is not an integer")
-        return SamplerSettings(num_steps=int(steps), eta=float(eta), guidance_scale=float(guidance))
+        window = data.get("sde_window")  # absent in files written before windows existed: every step SDE
+        if window is not None:
+            if not isinstance(window, (list, tuple)) or len(window) != 2 or any(isinstance(i, bool) or int(i) != i for i in window):
+                raise TypeError(f"sde_window {window!r} is not a [start, stop] pair of step indices")
+            window = (int(window[0]), int(window[1]))
+            if not 0 <= window[0] < window[1] <= int(steps):
+                raise ValueError(f"sde_window {list(window)} is not within the {int(steps)} steps")
+        return SamplerSettings(num_steps=int(steps), eta=float(eta), guidance_scale=float(guidance), sde_window=window)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{source} holds settings that are not numbers ({error})") from None
+        raise ValueError(f"{source} holds settings that are not valid ({error})") from None

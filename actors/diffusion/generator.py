@@ -52,6 +52,9 @@ class ImageJob:
     """Per-step noise: DDIM eta for SD/SDXL (1 is DDPO's sampler), the SDE noise level ``a`` for SD3 (Flow-GRPO uses 0.7)."""
     use_adapter: bool = True
     """False: the base model, even while an adapter is loaded."""
+    sde_window: tuple[int, int] | None = None
+    """Flow-matching models: the SDE on steps ``start <= i < stop`` only, the ODE step on the others
+    (what a run with ``sampling.sde_window`` trained with); None: the SDE on every step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +134,13 @@ class ImageGenerator:
         """Images for every job, in order. Jobs with equal settings share denoising batches."""
         height, width = self.image_size
         images = [np.zeros((len(job.seeds), height, width, 3), dtype=np.uint8) for job in jobs]
-        groups: dict[tuple[int, float, float, bool], list[tuple[int, int]]] = defaultdict(list)
+        groups: dict[tuple[int, float, float, tuple[int, int] | None, bool], list[tuple[int, int]]] = defaultdict(list)
         for j, job in enumerate(jobs):
             for i in range(len(job.seeds)):
-                groups[(job.num_steps, job.guidance_scale, job.eta, job.use_adapter)].append((j, i))
+                groups[(job.num_steps, job.guidance_scale, job.eta, job.sde_window, job.use_adapter)].append((j, i))
         with self._lock:
             version = self._adapter.version if self._adapter else None
-            for (num_steps, guidance_scale, eta, use_adapter), samples in groups.items():
+            for (num_steps, guidance_scale, eta, window, use_adapter), samples in groups.items():
                 adapter_off = self._adapter is not None and not use_adapter
                 if adapter_off:
                     self.policy.unet.disable_adapters()
@@ -145,7 +148,7 @@ class ImageGenerator:
                     for start in range(0, len(samples), self.batch_size):
                         chunk = samples[start : start + self.batch_size]
                         batch = self._sample(
-                            [jobs[j].prompt for j, _ in chunk], [jobs[j].seeds[i] for j, i in chunk], num_steps, guidance_scale, eta
+                            [jobs[j].prompt for j, _ in chunk], [jobs[j].seeds[i] for j, i in chunk], num_steps, guidance_scale, eta, window
                         )
                         for (j, i), image in zip(chunk, batch):
                             images[j][i] = image
@@ -154,13 +157,16 @@ class ImageGenerator:
                         self.policy.unet.enable_adapters()
             return [GeneratedImages(images=im, adapter_version=version if job.use_adapter else None) for job, im in zip(jobs, images)]
 
-    def _sample(self, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float, eta: float) -> np.ndarray:
+    def _sample(
+        self, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float, eta: float, window: tuple[int, int] | None
+    ) -> np.ndarray:
         real = len(prompts)
         if self.pad_batches and real < self.batch_size:
             # Throw-away copies of the last sample: same shape every call, discarded below.
             prompts = prompts + [prompts[-1]] * (self.batch_size - real)
             seeds = seeds + [seeds[-1]] * (self.batch_size - real)
-        _, images = self.policy.sample(prompts, seeds=seeds, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+        extra = {} if window is None else {"sde_window": window}
+        _, images = self.policy.sample(prompts, seeds=seeds, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, **extra)
         self.stats["batches"] += 1
         self.stats["images"] += real
         self.stats["padding"] += len(prompts) - real

@@ -105,6 +105,7 @@ def request_defaults(chosen: ChosenSampling) -> dict[str, Any]:
         "num_inference_steps": settings.num_steps,
         "guidance_scale": settings.guidance_scale,
         "eta": settings.eta,
+        "sde_window": list(settings.sde_window) if settings.sde_window else None,
         "sources": {
             "num_inference_steps": chosen.sources["num_steps"],
             "guidance_scale": chosen.sources["guidance_scale"],
@@ -295,6 +296,8 @@ class ImageServer:
             guidance_scale=parsed.guidance_scale,
             eta=sampling.eta,
             use_adapter=parsed.model != model_id(self.config),
+            # the trained window names steps of the trained schedule: it holds for that number of steps only
+            sde_window=sampling.sde_window if parsed.num_inference_steps == sampling.num_steps else None,
         )
         try:
             pngs, version = await self._generate_batch(_Queued(job=job, cost=min(parsed.n, self.config.batching.max_batch_size)))

@@ -156,8 +156,10 @@ class SamplingConfig(Section):
     start < stop <= num_steps; ``train.timestep_fraction`` then picks among the window's
     steps. Other families' samplers record every step (DDIM: sd, sdxl, the toy model), so
     a window is an error there, raised by ``rayalign train`` before any actor starts (or by
-    the rollout actors, for a model path the driver cannot read). ``rayalign eval`` and
-    serving sample without a window."""
+    the rollout actors, for a model path the driver cannot read). The window is recorded
+    beside each checkpoint's adapter, and ``rayalign eval`` and serving sample the adapter
+    with it while they use the trained number of steps (``rayalign eval --sde-window``
+    overrides it)."""
 
     @property
     def recorded_steps(self) -> int:

@@ -134,6 +134,7 @@ def test_eval_and_the_serving_generator_sample_with_the_run_s_adapter(family, ru
     assert report["model"] == str(pipeline_dir)
     assert np.isfinite(report["mean"]) and len(report["per_prompt"]) == 2
     assert {name: report["sampling"][name] for name in TRAINED_SAMPLING} == TRAINED_SAMPLING  # sampled as trained
+    assert report["sampling"]["sde_window"] == [0, 2]  # SDE on steps 0-1 and the ODE step after, as the rollout actors did
     assert output.with_suffix(".png").is_file()
 
     generator = ImageGenerator.from_pretrained(pipeline_dir, device="cpu", batch_size=2, pad_batches=False)
@@ -141,3 +142,8 @@ def test_eval_and_the_serving_generator_sample_with_the_run_s_adapter(family, ru
     adapter = generator.load_adapter(resolve_lora_dir(run))
     (result,) = generator.generate([ImageJob(prompt=PROMPT, seeds=(1, 2), **TRAINED_SAMPLING)])
     assert result.adapter_version == adapter.version and result.images.shape == (2, 32, 32, 3)
+    # a job with the run's window samples as the policy's windowed sampler does, and differs from the SDE on every step
+    (windowed,) = generator.generate([ImageJob(prompt=PROMPT, seeds=(1, 2), sde_window=(0, 2), **TRAINED_SAMPLING)])
+    _, expected = generator.policy.sample([PROMPT] * 2, seeds=[1, 2], sde_window=(0, 2), **TRAINED_SAMPLING)
+    np.testing.assert_array_equal(windowed.images, expected)
+    assert not np.array_equal(windowed.images, result.images)

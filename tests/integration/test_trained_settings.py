@@ -34,7 +34,8 @@ def run(ray_cluster, tiny_pipeline_dir, tmp_path_factory):
 def test_the_adapter_records_its_sampler_settings_and_model(run, tiny_pipeline_dir):
     from orchestrator.rundir import resolve_lora_dir
 
-    assert json.loads((resolve_lora_dir(run) / SAMPLING_FILE).read_text()) == {**TRAINED, "model": str(tiny_pipeline_dir)}
+    record = json.loads((resolve_lora_dir(run) / SAMPLING_FILE).read_text())
+    assert record == {**TRAINED, "sde_window": None, "model": str(tiny_pipeline_dir)}  # a DDIM model: no window
 
 
 def eval_run(pipeline, lora, out, *flags):

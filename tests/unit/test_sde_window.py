@@ -15,6 +15,8 @@ from diffusers import StableDiffusion3Pipeline
 from actors.diffusion import flow
 from actors.diffusion.flow_policy import FlowPolicy
 from actors.diffusion.trajectory import Trajectories
+from actors.evaluate import evaluate, sample_seed
+from actors.rewards.registry import build_reward
 from actors.workers.rollout import RolloutWorker
 from orchestrator.config import Config, ModelConfig, SamplingConfig, load_config
 from orchestrator.run import check_names
@@ -152,3 +154,19 @@ def test_a_flow_model_accepts_a_window_and_its_rollout_actor_samples_it(sd3_dir)
     trajectories, images, _ = worker.sample(PROMPTS, seeds=[1, 2])
     assert (trajectories.first_step, trajectories.num_steps, trajectories.num_inference_steps) == (0, 2, 3)
     assert images.shape[0] == 2
+
+
+def test_eval_samples_with_the_window_it_is_given_and_a_ddim_model_refuses_one(policy, tiny_pipeline_dir):
+    from actors.diffusion.policy import DiffusionPolicy
+
+    reward = build_reward("jpeg_incompressibility")
+    settings = {"num_per_prompt": 1, "seed": 0, "num_steps": 4, "eta": 0.7, "guidance_scale": 1.0, "batch_size": 2, "progress": False}
+    windowed = evaluate(policy, PROMPTS, reward, sde_window=(0, 2), **settings)
+    plain = evaluate(policy, PROMPTS, reward, **settings)
+    seeds = [sample_seed(0, p, 0) for p in PROMPTS]
+    _, sampled = policy.sample(PROMPTS, seeds=seeds, num_steps=4, eta=0.7, guidance_scale=1.0, sde_window=(0, 2))
+    np.testing.assert_array_equal(windowed.images, sampled)  # the policy's windowed sampler, image for image
+    assert not np.array_equal(windowed.images, plain.images)  # the ODE on steps 2-3 makes other images from the same noise
+    ddim = DiffusionPolicy.from_pretrained(tiny_pipeline_dir, device="cpu")
+    with pytest.raises(ValueError, match="samples every step with DDIM; windows are for flow-matching models"):
+        evaluate(ddim, PROMPTS, reward, sde_window=(0, 2), **settings)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from actors.toy.model import embedded_model_path, resolve_model_path
-from jobs.sampling import choose_sampling, default_sampler
+from jobs.sampling import choose_sampling, default_sampler, parse_window
 from orchestrator.config import SamplingConfig, dump_yaml, load_config
 from orchestrator.rundir import (
     SAMPLING_FILE,
@@ -19,10 +19,35 @@ from orchestrator.rundir import (
 
 def test_settings_are_written_beside_the_adapter_and_read_back(tmp_path):
     write_sampling(tmp_path, SamplingConfig(num_steps=10, eta=0.7, guidance_scale=1.0), "toy-sd3")
-    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0, "model": "toy-sd3"}
+    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {
+        "num_steps": 10,
+        "eta": 0.7,
+        "guidance_scale": 1.0,
+        "sde_window": None,
+        "model": "toy-sd3",
+    }
     settings, source = trained_sampling(tmp_path)
     assert settings == SamplerSettings(num_steps=10, eta=0.7, guidance_scale=1.0) and source == tmp_path / SAMPLING_FILE
     assert trained_model(tmp_path) == "toy-sd3"
+
+
+def test_a_flow_run_s_sde_window_is_recorded_and_read_back(tmp_path):
+    adapter = tmp_path / "epoch_0002" / "lora"
+    adapter.mkdir(parents=True)
+    # a checkpoint with only its config.yaml, then the sampling.json a run writes: both carry the window
+    config = load_config(overrides=["sampling.num_steps=10", "sampling.eta=0.7", "sampling.sde_window=[0, 6]"])
+    dump_yaml(config, adapter.parent / "config.yaml")
+    windowed = SamplerSettings(num_steps=10, eta=0.7, guidance_scale=4.5, sde_window=(0, 6))
+    assert trained_sampling(adapter)[0] == windowed
+    write_sampling(adapter, SamplingConfig(num_steps=10, eta=0.7, sde_window=(0, 6)), "toy-sd3")
+    assert json.loads((adapter / SAMPLING_FILE).read_text())["sde_window"] == [0, 6]
+    assert trained_sampling(adapter)[0] == windowed
+    assert "SDE on steps 0-5, ODE after" in windowed.describe()
+    # a record written before windows were recorded: the checkpoint's config.yaml gives it, else there is none
+    (adapter / SAMPLING_FILE).write_text('{"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0}')
+    assert trained_sampling(adapter)[0].sde_window == (0, 6)
+    (adapter.parent / "config.yaml").unlink()
+    assert trained_sampling(adapter)[0].sde_window is None
 
 
 def test_the_base_model_of_an_adapter_comes_from_its_record_else_its_checkpoint_config(tmp_path):
@@ -72,7 +97,9 @@ def test_an_adapter_with_no_record_has_no_trained_settings(tmp_path):
         ("{broken", "is not readable JSON"),
         ('{"num_steps": 10, "eta": 1.0}', "must hold num_steps, eta and guidance_scale"),
         ('{"num_steps": 2.5, "eta": 1.0, "guidance_scale": 1.0}', "num_steps 2.5 is not an integer"),
-        ('{"num_steps": 10, "eta": "high", "guidance_scale": 1.0}', "not numbers"),
+        ('{"num_steps": 10, "eta": "high", "guidance_scale": 1.0}', "not valid"),
+        ('{"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0, "sde_window": [0, 12]}', "sde_window [0, 12] is not within the 10 steps"),
+        ('{"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0, "sde_window": "early"}', "sde_window 'early' is not a [start, stop] pair"),
     ],
 )
 def test_a_damaged_record_is_a_clear_error(tmp_path, text, words):
@@ -102,4 +129,35 @@ def test_given_settings_win_then_training_then_the_defaults():
 def test_a_given_setting_equal_to_training_is_no_difference():
     same = choose_sampling({"num_steps": 10, "eta": 1, "guidance_scale": None}, TRAINED)
     assert same.differences == () and same.sources["num_steps"] == "given"
-    assert same.record()["trained"] == {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0}
+    assert same.record()["trained"] == {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "sde_window": None}
+
+
+def test_the_sde_window_comes_with_the_trained_number_of_steps_only():
+    windowed = (SamplerSettings(num_steps=10, eta=0.7, guidance_scale=1.0, sde_window=(0, 6)), "run/lora/sampling.json")
+    nothing = {"num_steps": None, "eta": None, "guidance_scale": None}
+    assert choose_sampling(nothing, windowed).settings.sde_window == (0, 6)
+    assert choose_sampling({**nothing, "eta": 0.3}, windowed).settings.sde_window == (0, 6)  # only the steps decide
+    assert choose_sampling({**nothing, "num_steps": 10}, windowed).differences == ()
+    # the window names steps of a 10-step schedule: with 20 steps there is none, and the user is told
+    other = choose_sampling({**nothing, "num_steps": 20}, windowed, names={"num_steps": "--steps"})
+    assert other.settings == SamplerSettings(num_steps=20, eta=0.7, guidance_scale=1.0, sde_window=None)
+    assert len(other.differences) == 2 and "SDE on steps 0-5 of 10" in other.differences[1]
+    assert "with 20 steps every step takes the SDE" in other.differences[1]
+    assert choose_sampling(nothing, None).settings.sde_window is None  # no run: no window
+
+
+def test_a_given_window_wins_and_a_difference_from_training_is_said():
+    windowed = (SamplerSettings(num_steps=10, eta=0.7, guidance_scale=1.0, sde_window=(0, 6)), "run/lora/sampling.json")
+    nothing = {"num_steps": None, "eta": None, "guidance_scale": None}
+    names = {"sde_window": "--sde-window"}
+    every_step = choose_sampling({**nothing, "sde_window": parse_window("none")}, windowed, names=names)
+    assert every_step.settings.sde_window is None
+    (line,) = every_step.differences
+    assert line.startswith("--sde-window none (SDE on every step) differs from the 0,6 (SDE on steps 0-5)") and "run/lora" in line
+    narrower = choose_sampling({**nothing, "sde_window": parse_window("0,2")}, windowed, names=names)
+    assert narrower.settings.sde_window == (0, 2) and len(narrower.differences) == 1
+    assert choose_sampling({**nothing, "sde_window": parse_window(" 0,6")}, windowed).differences == ()  # the trained one: no warning
+    base = choose_sampling({"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0, "sde_window": (0, 6)}, None)  # a base model, as trained
+    assert base.settings.sde_window == (0, 6) and base.differences == ()
+    with pytest.raises(ValueError, match="--sde-window 'early' must be START,STOP \\(e.g. 0,6: the SDE on steps 0-5\\) or none"):
+        parse_window("early")
