@@ -196,16 +196,27 @@ def check_api_key(authorization: str | None, expected: str | None) -> None:
 
 
 def generation_response(
-    *, created: int, model: str, adapter_version: str | None, request: GenerationRequest, eta: float, pngs: Sequence[bytes]
+    *,
+    created: int,
+    model: str,
+    adapter_version: str | None,
+    request: GenerationRequest,
+    eta: float,
+    pngs: Sequence[bytes],
+    sde_window: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The OpenAI images response, plus each image's seed, the weights and the sampler settings that made it."""
+    """The OpenAI images response, plus each image's seed, the weights and the sampler settings that made it
+    (``sde_window`` only when a flow adapter's window was used)."""
     seeds = image_seeds(request.seed, request.n)
+    sampling = {"num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale, "eta": eta}
+    if sde_window is not None:
+        sampling["sde_window"] = list(sde_window)
     return {
         "created": created,
         "model": model,
         "adapter_version": adapter_version,
         "size": request.size,
         "output_format": "png",
-        "sampling": {"num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale, "eta": eta},
+        "sampling": sampling,
         "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed} for png, seed in zip(pngs, seeds)],
     }

@@ -317,7 +317,13 @@ class ImageServer:
         model = adapter_id(self.config) if version else model_id(self.config)
         return JSONResponse(
             serve_api.generation_response(
-                created=int(time.time()), model=model, adapter_version=version, request=parsed, eta=sampling.eta, pngs=pngs
+                created=int(time.time()),
+                model=model,
+                adapter_version=version,
+                request=parsed,
+                eta=sampling.eta,
+                pngs=pngs,
+                sde_window=job.sde_window,
             )
         )
 

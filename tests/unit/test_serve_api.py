@@ -179,3 +179,6 @@ def test_response_is_openai_shaped_with_seeds():
     assert [base64.b64decode(item["b64_json"]) for item in response["data"]] == pngs
     # What made the images is part of the answer: the request's steps and guidance, the server's eta.
     assert response["sampling"] == {"num_inference_steps": 7, "guidance_scale": 3.0, "eta": 0.5}
+    # a flow adapter served with its training window says so; without one the key is absent
+    windowed = generation_response(created=1, model="toy-sd3", adapter_version="v", request=request, eta=0.7, pngs=pngs, sde_window=(0, 6))
+    assert windowed["sampling"] == {"num_inference_steps": 7, "guidance_scale": 3.0, "eta": 0.7, "sde_window": [0, 6]}
