@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up ./.venv if needed, check the code style (ruff) and run the whole test suite (about 45 minutes on 2 cores).
+# Set up ./.venv if needed, check the code style (ruff) and run the whole test suite (about 41 minutes on 2 cores).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k policy`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
