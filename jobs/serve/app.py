@@ -46,7 +46,7 @@ from jobs.sampling import ChosenSampling, choose_sampling
 from jobs.serve import api as serve_api
 from orchestrator.config import ServeConfig, load_config, replace, to_dict
 from orchestrator.pools import threads_for
-from orchestrator.rundir import resolve_lora_dir, resolve_model, trained_model, trained_sampling
+from orchestrator.rundir import SamplerSettings, resolve_lora_dir, resolve_model, trained_model, trained_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,13 @@ def serve_sampling(config: ServeConfig, adapter_dir: str | os.PathLike | None) -
     if not 0 < settings.eta <= 1:
         raise ValueError(f"eta {settings.eta:g}{where} is outside (0, 1]; set eta in the serve config")
     return chosen
+
+
+def request_window(settings: SamplerSettings, num_steps: int) -> tuple[int, int] | None:
+    """The SDE window a request for ``num_steps`` steps is sampled with: the served adapter's
+    training window at its trained number of steps (the window names steps of that schedule),
+    else none (the SDE on every step)."""
+    return settings.sde_window if num_steps == settings.num_steps else None
 
 
 def request_defaults(chosen: ChosenSampling) -> dict[str, Any]:
@@ -296,8 +303,7 @@ class ImageServer:
             guidance_scale=parsed.guidance_scale,
             eta=sampling.eta,
             use_adapter=parsed.model != model_id(self.config),
-            # the trained window names steps of the trained schedule: it holds for that number of steps only
-            sde_window=sampling.sde_window if parsed.num_inference_steps == sampling.num_steps else None,
+            sde_window=request_window(sampling, parsed.num_inference_steps),
         )
         try:
             pngs, version = await self._generate_batch(_Queued(job=job, cost=min(parsed.n, self.config.batching.max_batch_size)))

@@ -25,6 +25,8 @@ from actors.diffusion.generator import ImageGenerator, ImageJob
 from actors.diffusion.policy import pretrained_policy
 from jobs import eval as eval_job
 from jobs.cli import build_parser
+from jobs.serve.app import request_defaults, request_window, serve_sampling
+from orchestrator.config import ServeConfig
 from orchestrator.metrics import REQUIRED_KEYS, read_metrics
 from orchestrator.run import train
 from orchestrator.rundir import resolve_lora_dir
@@ -147,3 +149,7 @@ def test_eval_and_the_serving_generator_sample_with_the_run_s_adapter(family, ru
     _, expected = generator.policy.sample([PROMPT] * 2, seeds=[1, 2], sde_window=(0, 2), **TRAINED_SAMPLING)
     np.testing.assert_array_equal(windowed.images, expected)
     assert not np.array_equal(windowed.images, result.images)
+    # the server takes the window from the run, and gives it to requests at the trained number of steps only
+    served = serve_sampling(ServeConfig(model=str(pipeline_dir)), resolve_lora_dir(run))
+    assert served.settings.sde_window == (0, 2) and request_defaults(served)["sde_window"] == [0, 2]
+    assert request_window(served.settings, 3) == (0, 2) and request_window(served.settings, 5) is None
