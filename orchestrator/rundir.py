@@ -380,8 +380,7 @@ def write_sampling(adapter_dir: str | os.PathLike | Location, sampling: Any, mod
     """Record ``sampling``'s sampler settings (a :class:`SamplingConfig`) beside an adapter, and
     the ``model.path`` it was trained on (None: the embedded toy UNet model)."""
     settings = {name: getattr(sampling, name) for name in SAMPLER_FIELDS}
-    window = getattr(sampling, "sde_window", None)
-    settings["sde_window"] = None if window is None else [int(i) for i in window]
+    settings["sde_window"] = None if sampling.sde_window is None else [int(i) for i in sampling.sde_window]
     settings["model"] = model
     (Location(adapter_dir) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -424,29 +423,35 @@ def trained_sampling(adapter_dir: Path) -> tuple[SamplerSettings, Path] | None:
                 f'{source} is not readable JSON ({error}); delete it or write {{"num_steps": ..., "eta": ..., "guidance_scale": ...}}'
             ) from None
         if isinstance(data, Mapping) and "sde_window" not in data:  # written before windows were recorded: the run's config says
-            data = {**data, "sde_window": _config_window(adapter_dir)}
+            checkpoint = _checkpoint_sampling(adapter_dir)
+            data = {**data, "sde_window": checkpoint[0].get("sde_window") if checkpoint else None}
     else:
-        source = adapter_dir.parent / CONFIG_FILE
-        if adapter_dir.name != LORA_DIR or not source.is_file():
+        checkpoint = _checkpoint_sampling(adapter_dir)
+        if checkpoint is None:
             return None
-        try:
-            data = (yaml.safe_load(source.read_text()) or {}).get("sampling") or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
-            raise ValueError(f"{source} is not a readable run config ({error})") from None
+        data, source = checkpoint
         defaults = SamplingConfig()  # every field is written out, but a hand-made config may leave some to their defaults
         data = {name: data.get(name, getattr(defaults, name)) for name in (*SAMPLER_FIELDS, "sde_window")}
     return _settings_from(data, source), source
 
 
-def _config_window(adapter_dir: Path) -> Any:
-    """``sampling.sde_window`` of the checkpoint's ``config.yaml`` beside ``adapter_dir``; None without one."""
-    config = adapter_dir.parent / CONFIG_FILE
-    if adapter_dir.name != LORA_DIR or not config.is_file():
+def _checkpoint_sampling(adapter_dir: Path) -> tuple[Mapping, Path] | None:
+    """The ``sampling`` section of the run config saved in the checkpoint holding ``adapter_dir``, and
+    that file; None when ``adapter_dir`` is not a checkpoint's adapter or the checkpoint has no config.
+
+    Raises:
+        ValueError: the config exists but cannot be read.
+    """
+    source = adapter_dir.parent / CONFIG_FILE
+    if adapter_dir.name != LORA_DIR or not source.is_file():
         return None
     try:
-        return ((yaml.safe_load(config.read_text()) or {}).get("sampling") or {}).get("sde_window")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        return None  # the JSON record is what counts; its config only fills in the window
+        section = (yaml.safe_load(source.read_text()) or {}).get("sampling") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
+        raise ValueError(f"{source} is not a readable run config ({error})") from None
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{source} is not a readable run config (its sampling section is {section!r}, not a mapping)")
+    return section, source
 
 
 def _settings_from(data: Any, source: Path) -> SamplerSettings:

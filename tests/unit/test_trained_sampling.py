@@ -46,6 +46,9 @@ def test_a_flow_run_s_sde_window_is_recorded_and_read_back(tmp_path):
     # a record written before windows were recorded: the checkpoint's config.yaml gives it, else there is none
     (adapter / SAMPLING_FILE).write_text('{"num_steps": 10, "eta": 0.7, "guidance_scale": 1.0}')
     assert trained_sampling(adapter)[0].sde_window == (0, 6)
+    (adapter.parent / "config.yaml").write_text("sampling: [broken")  # a damaged config is said, not read as "no window"
+    with pytest.raises(ValueError, match="config.yaml is not a readable run config"):
+        trained_sampling(adapter)
     (adapter.parent / "config.yaml").unlink()
     assert trained_sampling(adapter)[0].sde_window is None
 
